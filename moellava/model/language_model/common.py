@@ -14,7 +14,7 @@ core behave identically everywhere:
 * ``attention_core``: softmax(QK^T/sqrt(d) + mask) V, returning merged heads.
 * ``SwiGLUMLP``: ``down_proj(act(gate_proj(x)) * up_proj(x))`` (Llama/Mistral/StableLM names).
 * ``causal_lm_loss``: next-token cross entropy.
-* ``CausalLMGenerationMixin``: ``prepare_inputs_for_generation`` / ``_reorder_cache`` for the
+* ``DecoderGenerationHooks``: ``prepare_inputs_for_generation`` / ``_reorder_cache`` for the
   legacy tuple cache (one ``(key, value)`` per layer, ``[batch, kv_heads, seq, head_dim]``).
 """
 
@@ -243,8 +243,12 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tens
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
 
 
-class CausalLMGenerationMixin:
-    """Generation hooks for a decoder with the legacy tuple cache, as in transformers 4.31's Llama."""
+class DecoderGenerationHooks:
+    """Generation hooks for a decoder with the legacy tuple cache, as in transformers 4.31's Llama.
+
+    (Not named "...GenerationMixin": transformers 4.31's ``can_generate()`` refuses any class whose
+    ``prepare_inputs_for_generation`` comes from a class with that name.)
+    """
 
     def prepare_inputs_for_generation(
         self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, **kwargs
