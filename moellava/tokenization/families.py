@@ -171,13 +171,13 @@ def _verify(tokenizer: PreTrainedTokenizerBase, rules: TokenizerFamily) -> None:
     for attribute, token in wanted.items():
         if str(getattr(tokenizer, attribute)) != token:
             raise ValueError(f"{rules.name} rules: {attribute} is {getattr(tokenizer, attribute)!r}, expected {token!r}")
-    for attribute in ("eos_token", "unk_token", "pad_token"):
-        token = getattr(tokenizer, attribute)
+    for attribute in ("unk_token", "pad_token", "eos_token"):
+        token = tokenizer.special_tokens_map.get(attribute)
         if token is None:
             raise ValueError(f"{rules.name} rules: the tokenizer has no {attribute}")
-        token_id = tokenizer.convert_tokens_to_ids(str(token))
-        if token_id is None or tokenizer.convert_ids_to_tokens(token_id) != str(token):
-            raise ValueError(f"{rules.name} rules: {attribute} {str(token)!r} is not a token of the vocabulary")
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or tokenizer.convert_ids_to_tokens(token_id) != token:
+            raise ValueError(f"{rules.name} rules: {attribute} {token!r} is not a token of the vocabulary")
     eos_in_text = tokenizer(str(tokenizer.eos_token), add_special_tokens=False).input_ids
     if eos_in_text != [tokenizer.eos_token_id]:
         raise ValueError(
