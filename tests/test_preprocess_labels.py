@@ -1,0 +1,134 @@
+"""Exact labels for every tokenizer family and template (DESIGN decision 1).
+
+For generated conversations (multi-turn, unicode, digits, newlines, answers containing the template's own
+separators and role names, empty answers, with and without images) the unmasked labels are exactly each
+answer plus its end-of-turn token: the spans decode to the answers, the text before each span decodes to
+the instruction text before the answer, and no whitespace-only instruction token leaks into a span.
+"""
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moellava import conversation as conversation_lib
+from moellava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from moellava.mm_utils import tokenizer_image_token
+from moellava.train.preprocess import _comparable, _decode_span, find_trained_spans, preprocess
+
+WORDS = ["the", "cat", "is", "black", "Answer", "image", "shows", "two", "dogs", "ASSISTANT", "USER"]
+SNIPPETS = [
+    "</s>", "<s>", "<|endoftext|>", "<|im_end|>", "USER:", "ASSISTANT:", " ASSISTANT: ", " USER: ", "###",
+    "[INST]", "[/INST]", "\n", "  ", "\n\n", " \n", "12345", "3.14", "Human:", "<<SYS>>",
+]
+CHARS = "abcdefghijklmnopqrstuvwxyzABCXYZ0123456789 .,;:!?'\"()-\n\téüß中文字😀"
+fragment = st.one_of(
+    st.text(alphabet=CHARS, min_size=1, max_size=10), st.sampled_from(SNIPPETS), st.sampled_from(WORDS)
+)
+message = st.lists(fragment, max_size=6).map("".join)
+
+
+@st.composite
+def conversations(draw, with_images: bool):
+    rounds = draw(st.integers(1, 3))
+    turns = []
+    for r in range(rounds):
+        question = draw(message)
+        if r == 0 and with_images:
+            images = draw(st.integers(1, 2))
+            where = draw(st.sampled_from(["front", "back"]))
+            tags = "\n".join([DEFAULT_IMAGE_TOKEN] * images)
+            question = f"{tags}\n{question}" if where == "front" else f"{question}\n{tags}"
+        turns.append({"from": "human", "value": question})
+        turns.append({"from": "gpt", "value": draw(message)})
+    if draw(st.booleans()):
+        turns.append({"from": "human", "value": draw(message)})  # a trailing question with no answer
+    return turns
+
+
+def rendered_pieces(source):
+    conv = conversation_lib.default_conversation.copy()
+    conv.messages = []
+    for i, turn in enumerate(source):
+        conv.append_message(conv.roles[i % 2], turn["value"])
+    return conv.render()
+
+
+def decode_prefix(tokenizer, ids):
+    return _decode_span(tokenizer, ids)
+
+
+def assert_exact_labels(tokenizer, pieces, ids, labels, has_image):
+    text = "".join(piece for piece, _ in pieces)
+    expected_ids = tokenizer_image_token(text, tokenizer) if has_image else tokenizer(text).input_ids
+    assert ids == expected_ids, "input_ids must be the tokenization of the rendered prompt"
+    for i, token_id in enumerate(ids):
+        if token_id == IMAGE_TOKEN_INDEX:
+            assert labels[i] == IGNORE_INDEX
+        elif labels[i] != IGNORE_INDEX:
+            assert labels[i] == token_id
+    spans = find_trained_spans(labels)
+    answers, position, bounds = [], 0, []
+    for piece, is_answer in pieces:
+        if is_answer:
+            answers.append(piece)
+            bounds.append((position, position + len(piece)))
+        position += len(piece)
+    assert len(spans) == len(answers), (spans, answers)
+    bos = tokenizer.bos_token if ids and ids[0] == tokenizer.bos_token_id and tokenizer.bos_token_id is not None else ""
+    for (start, end), answer, (char_start, char_end) in zip(spans, answers, bounds):
+        assert _comparable(_decode_span(tokenizer, ids[start:end])) == _comparable(answer)
+        # Everything before the span is instruction text, everything up to its end is text up to the answer's end.
+        assert _comparable(decode_prefix(tokenizer, ids[:start])) == _comparable(bos + text[:char_start])
+        assert _comparable(decode_prefix(tokenizer, ids[:end])) == _comparable(bos + text[:char_end])
+        first = tokenizer.decode([ids[start]], skip_special_tokens=False)
+        if first.strip() == "":
+            assert answer[:1].isspace(), f"whitespace-only instruction token {first!r} leaked into the labels"
+
+
+FAMILY_TEMPLATES = [
+    ("llama", "v1"), ("llama", "llava_v1"), ("llama", "llava_llama_2"), ("llama", "llama_2"), ("llama", "llava_v0"),
+    ("llama", "plain"), ("mistral", "mistral"), ("mistral", "plain"), ("qwen", "qwen"), ("qwen", "mpt"),
+    ("qwen", "plain"), ("phi", "phi"), ("phi", "plain"), ("stablelm", "stablelm"), ("stablelm", "plain"),
+]
+
+
+@pytest.fixture
+def template():
+    def select(version):
+        return conversation_lib.set_default_conversation(version)
+
+    yield select
+    conversation_lib.set_default_conversation("v1")
+
+
+def check_generated(tokenizer, data):
+    with_images = conversation_lib.default_conversation.version == "plain" or data.draw(st.booleans())
+    source = data.draw(conversations(with_images))
+    if conversation_lib.default_conversation.version == "plain":
+        source = source[:2]
+        pieces = [(DEFAULT_IMAGE_TOKEN * source[0]["value"].count(DEFAULT_IMAGE_TOKEN), False),
+                  (source[1]["value"] + "\n", True)]
+    else:
+        pieces = rendered_pieces(source)
+    out = preprocess([source], tokenizer, has_image=with_images)
+    assert_exact_labels(tokenizer, pieces, out["input_ids"][0].tolist(), out["labels"][0].tolist(), with_images)
+
+
+@pytest.mark.parametrize("family,version", FAMILY_TEMPLATES)
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_generated_conversations_toy_tokenizers(toy_tokenizers, template, family, version, data):
+    template(version)
+    check_generated(toy_tokenizers[family], data)
+
+
+REAL_TEMPLATES = [("llama2", "v1"), ("llama2", "llava_llama_2"), ("qwen", "qwen"), ("phi2", "phi")]
+
+
+@pytest.mark.parametrize("vocab,version", REAL_TEMPLATES)
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_generated_conversations_real_vocabularies(request, template, vocab, version, data):
+    tokenizer = request.getfixturevalue(f"real_{vocab}_tokenizer")
+    template(version)
+    check_generated(tokenizer, data)
