@@ -1,0 +1,6 @@
+"""LLaVA models. Importing this package registers every `llava_*` / `moe_llava_*` config and causal LM
+with AutoConfig and AutoModelForCausalLM."""
+
+from moellava.model.language_model.llava_llama import LlavaLlamaConfig, LlavaLlamaForCausalLM, LlavaLlamaModel
+
+__all__ = ["LlavaLlamaConfig", "LlavaLlamaForCausalLM", "LlavaLlamaModel"]

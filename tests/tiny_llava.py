@@ -1,0 +1,134 @@
+"""Tiny LLaVA building blocks for tests: towers, tokenizer, Llama LLaVA models (dense and MoE) and saved
+checkpoints in a tmp folder. Everything is random, seeded and built locally in well under a second.
+
+Reusable by any test: `import tiny_llava` (pytest puts tests/ on sys.path); subprocesses need
+PYTHONPATH to include tests/.
+"""
+
+import os
+from types import SimpleNamespace
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+from moellava.model import LlavaLlamaConfig, LlavaLlamaForCausalLM
+from moellava.model.multimodal_encoder import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+from moellava.tokenization import load_tokenizer
+from moellava.tokenization.toy import build_toy_tokenizer
+
+# A 4-layer Llama small enough for CPU tests; logits spread enough for stable greedy decoding.
+TINY_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=256,
+    initializer_range=0.05,
+)
+TINY_TOWER = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2)
+
+
+def build_tiny_clip_tower(out_dir: str, *, seed: int = 0, **overrides) -> str:
+    """A random CLIP vision model + CLIP image processor (32 px, patch 8: 16 patches + CLS)."""
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(**{**TINY_TOWER, **overrides})
+    CLIPVisionModel(config).save_pretrained(out_dir)
+    size = config.image_size
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
+        out_dir
+    )
+    return str(out_dir)
+
+
+def build_tiny_siglip_tower(out_dir: str, *, seed: int = 0, **overrides) -> str:
+    """A random SigLIP vision model + SigLIP image processor (32 px, patch 8: 16 patches, no CLS)."""
+    torch.manual_seed(seed)
+    config = SiglipVisionConfig(**{**TINY_TOWER, **overrides})
+    SiglipVisionModel(config).save_pretrained(out_dir)
+    size = config.image_size
+    SiglipImageProcessor(size={"height": size, "width": size}).save_pretrained(out_dir)
+    return str(out_dir)
+
+
+def build_tiny_llama_tokenizer(out_dir: str) -> str:
+    """The toy Llama SentencePiece tokenizer folder (512 pieces, <unk>=0 <s>=1 </s>=2)."""
+    return build_toy_tokenizer("llama", str(out_dir))
+
+
+def tiny_model_args(tower_dir: str, **overrides) -> SimpleNamespace:
+    """The vision fields of train.ModelArguments that `initialize_vision_modules` reads."""
+    fields = dict(
+        image_tower=str(tower_dir),
+        mm_vision_select_layer=-2,
+        mm_vision_select_feature="patch",
+        image_projector_type="mlp2x_gelu",
+        pretrain_mm_mlp_adapter=None,
+    )
+    fields.update(overrides)
+    return SimpleNamespace(**fields)
+
+
+def tiny_llama_config(tokenizer, config_class=LlamaConfig, **overrides) -> LlamaConfig:
+    fields = dict(TINY_LLAMA, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    fields.update(overrides)
+    return config_class(**fields)
+
+
+def tiny_llava_llama(tokenizer_dir: str, tower_dir: str, *, seed: int = 0, model_args=None,
+                     **config_overrides) -> LlavaLlamaForCausalLM:
+    """An in-memory dense LLaVA-Llama with the tower from `tower_dir` attached (eval mode)."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(seed)
+    model = LlavaLlamaForCausalLM(tiny_llama_config(tokenizer, LlavaLlamaConfig, **config_overrides))
+    model.get_model().initialize_vision_modules(model_args or tiny_model_args(tower_dir))
+    return model.eval()
+
+
+def build_tiny_llava_llama(out_dir: str, tokenizer_dir: str, tower_dir: str, *, seed: int = 0,
+                           **config_overrides) -> str:
+    """A saved dense LLaVA-Llama checkpoint (weights, config, tokenizer) in `out_dir`."""
+    model = tiny_llava_llama(tokenizer_dir, tower_dir, seed=seed, **config_overrides)
+    model.save_pretrained(out_dir)
+    load_tokenizer(tokenizer_dir).save_pretrained(out_dir)
+    return str(out_dir)
+
+
+def build_tiny_stage1(out_dir: str, base_dir: str, tokenizer_dir: str, tower_dir: str, *,
+                      seed: int = 0) -> Tuple[str, str]:
+    """A base Llama LLM folder and a Stage-1 output over it (config.json + mm_projector.bin only).
+
+    Returns `(stage1_dir, base_dir)`. The projector weights are random but not the init ones, so a test
+    can tell they were loaded.
+    """
+    tokenizer = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(tiny_llama_config(tokenizer)).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    model = LlavaLlamaForCausalLM.from_pretrained(base_dir)
+    model.get_model().initialize_vision_modules(tiny_model_args(tower_dir))
+    with torch.no_grad():
+        for param in model.get_model().mm_projector.parameters():
+            param.normal_(0.0, 0.5)
+    model.config.save_pretrained(out_dir)
+    projector = {f"model.mm_projector.{k}": v for k, v in model.get_model().mm_projector.state_dict().items()}
+    torch.save(projector, os.path.join(out_dir, "mm_projector.bin"))
+    return str(out_dir), str(base_dir)
+
+
+def write_test_image(path: str, size: Tuple[int, int] = (40, 30), seed: int = 0) -> str:
+    """A random RGB PNG (not square, so aspect-ratio handling matters)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+def random_pixels(num_images: int, image_size: int = TINY_TOWER["image_size"], seed: Optional[int] = 0):
+    """Preprocessed-looking pixel values [N, 3, S, S]."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(num_images, 3, image_size, image_size, generator=generator)
