@@ -364,15 +364,14 @@ def test_gradient_checkpointing_gives_same_loss_and_grads():
         assert not torch.allclose(model(x, labels=x).loss, plain_loss)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_forward_is_close_to_fp32(checkpoint, model, dtype):
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 0.03), (torch.float16, 0.005)])
+def test_half_precision_forward_is_close_to_fp32(checkpoint, model, dtype, tolerance):
     half = PhiForCausalLM.from_pretrained(checkpoint[0], torch_dtype=dtype).eval()
     assert half.lm_head.weight.dtype == dtype
     x = inputs(length=12)
     with torch.no_grad():
         reference, low = model(x).logits, half(x).logits
     assert low.dtype == torch.float32  # logits are upcast, as in the official model
-    tolerance = 0.05 if dtype == torch.bfloat16 else 0.01
     assert (low - reference).abs().max().item() < tolerance * reference.abs().max().item()
 
 
