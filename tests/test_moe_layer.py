@@ -1,0 +1,298 @@
+"""MoEBlock: routing semantics, native vs DeepSpeed parity, capacity dropping, aux-loss gradient, settings errors."""
+
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+from deepspeed import comm as ds_comm
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+from moellava.model.moe import MoEBlock
+
+HIDDEN = 32
+BACKENDS = ("native", "deepspeed")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ds_group():
+    """A one-process gloo group initialised through DeepSpeed, torn down after this module."""
+    if ds_comm.is_initialized():
+        yield
+        return
+    import deepspeed
+
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        yield
+        ds_comm.destroy_process_group()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    if request.param == "deepspeed":
+        request.getfixturevalue("ds_group")
+    return request.param
+
+
+def swiglu(hidden=HIDDEN, intermediate=64, seed=0) -> LlamaMLP:
+    torch.manual_seed(seed)
+    return LlamaMLP(LlamaConfig(hidden_size=hidden, intermediate_size=intermediate))
+
+
+def diversify(block: MoEBlock, seed: int = 1) -> None:
+    """Give every expert (and the router) different random weights."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in block.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+
+
+def tokens(shape=(3, 11), seed=2, requires_grad=False) -> torch.Tensor:
+    x = torch.randn(*shape, HIDDEN, generator=torch.Generator().manual_seed(seed))
+    return x.requires_grad_(requires_grad)
+
+
+def expected_aux_loss(x: torch.Tensor, wg: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The GShard load-balancing loss, written out from its definition."""
+    gates = F.softmax(x.reshape(-1, x.shape[-1]).float() @ wg.float().t(), dim=1)
+    num_experts = gates.shape[1]
+    me = gates.mean(0)
+    ce = F.one_hot(gates.argmax(1), num_experts).float().mean(0)
+    return (me * ce).sum() * num_experts if top_k == 1 else (me * ce).mean() * num_experts ** 2
+
+
+# Runs first: the module's DeepSpeed group does not exist yet.
+def test_deepspeed_backend_without_process_group_names_the_fix():
+    if ds_comm.is_initialized():
+        pytest.skip("a DeepSpeed process group is already initialised in this session")
+    with pytest.raises(RuntimeError, match=r"deepspeed.init_distributed\(\).*backend='native'"):
+        MoEBlock(HIDDEN, swiglu(), 4, backend="deepspeed")
+
+
+def test_parameter_names_are_deepspeeds(backend):
+    block = MoEBlock(HIDDEN, swiglu(), 2, backend=backend, use_residual=True)
+    names = [name for name, _ in block.named_parameters()]
+    experts = [f"deepspeed_moe.experts.deepspeed_experts.{j}.{p}_proj.weight" for j in range(2)
+               for p in ("gate", "up", "down")]
+    assert names == ["deepspeed_moe.gate.wg.weight", *experts, "mlp.gate_proj.weight", "mlp.up_proj.weight",
+                     "mlp.down_proj.weight", "coefficient.weight", "coefficient.bias"]
+    assert block.deepspeed_moe.gate.wg.weight.shape == (2, HIDDEN)
+
+
+def test_upcycled_top2_equals_dense_ffn(backend):
+    dense = swiglu()
+    block = MoEBlock(HIDDEN, dense, 4, backend=backend)
+    x = tokens()
+    out = block(x)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, dense(x), atol=1e-6, rtol=1e-5)
+
+
+def test_upcycled_top1_is_dense_ffn_scaled_by_router_probability(backend):
+    # Top-1 gates are not renormalised (as in DeepSpeed): the output is p_max * FFN(x).
+    dense = swiglu()
+    block = MoEBlock(HIDDEN, dense, 4, top_k=1, capacity_factor=4.0, backend=backend)
+    x = tokens()
+    probs = F.softmax(x @ block.deepspeed_moe.gate.wg.weight.t(), dim=-1)
+    torch.testing.assert_close(block(x), probs.max(-1).values.unsqueeze(-1) * dense(x), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("use_residual", [False, True])
+def test_native_and_deepspeed_agree_on_outputs_and_gradients(ds_group, top_k, use_residual):
+    settings = dict(top_k=top_k, use_residual=use_residual, capacity_factor=4.0, router_aux_loss_coef=0.1)
+    native = MoEBlock(HIDDEN, swiglu(), 4, backend="native", **settings)
+    diversify(native)
+    deep = MoEBlock(HIDDEN, swiglu(), 4, backend="deepspeed", **settings)
+    deep.load_state_dict(native.state_dict())
+
+    x_native, x_deep = tokens(requires_grad=True), tokens(requires_grad=True)
+    out_native, out_deep = native(x_native), deep(x_deep)
+    torch.testing.assert_close(out_native, out_deep, atol=1e-6, rtol=1e-5)
+    assert torch.equal(native.last_tokens_per_expert, deep.last_tokens_per_expert)
+    assert int(native.last_tokens_per_expert.sum()) == x_native.shape[0] * x_native.shape[1] * top_k
+    assert float(native.last_dropped_fraction) == float(deep.last_dropped_fraction) == 0.0
+    torch.testing.assert_close(native.last_aux_loss, deep.last_aux_loss)
+
+    weight = torch.randn(out_native.shape, generator=torch.Generator().manual_seed(5))
+    (out_native * weight).sum().backward()
+    (out_deep * weight).sum().backward()
+    torch.testing.assert_close(x_native.grad, x_deep.grad, atol=1e-5, rtol=1e-5)
+    deep_params = dict(deep.named_parameters())
+    for name, param in native.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+        torch.testing.assert_close(param.grad, deep_params[name].grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def _forced_routing_case(top_k):
+    """16 tokens whose first choice is expert 0; even tokens' second choice is 1, odd tokens' is 2."""
+    x = torch.zeros(16, HIDDEN)
+    x[:, 0] = 1.0
+    x[:, 1] = torch.tensor([1.0, -1.0]).repeat(8)
+    x[:, 2:] = torch.randn(16, HIDDEN - 2, generator=torch.Generator().manual_seed(3)) * 0.1
+    wg = torch.zeros(4, HIDDEN)
+    wg[0, 0], wg[1, 0], wg[1, 1], wg[2, 0], wg[2, 1] = 10.0, 5.0, 3.0, 5.0, -3.0
+    return x, wg
+
+
+def _build_dropping_block(backend, top_k, use_residual=False):
+    # drop_tokens=None means capacity-limited on deepspeed; native drops only when asked.
+    drop = True if backend == "native" else None
+    block = MoEBlock(HIDDEN, swiglu(), 4, top_k=top_k, capacity_factor=1.0, backend=backend, drop_tokens=drop,
+                     use_residual=use_residual)
+    diversify(block)
+    return block
+
+
+def test_top2_capacity_drops_later_first_choices_and_renormalises_survivors(backend):
+    x, wg = _forced_routing_case(top_k=2)
+    block = _build_dropping_block(backend, top_k=2)
+    with torch.no_grad():
+        block.deepspeed_moe.gate.wg.weight.copy_(wg)
+        out = block(x)
+        experts = block.deepspeed_moe.experts.deepspeed_experts
+        probs = F.softmax(x @ wg.t(), dim=-1)
+    # capacity = ceil(16 / 4 * 1.0 * 2) = 8: expert 0 keeps tokens 0..7 (first choices in token order);
+    # experts 1 and 2 each get 8 second choices and keep them all.
+    assert block.last_tokens_per_expert.tolist() == [16, 8, 8, 0]
+    assert float(block.last_dropped_fraction) == 8 / 32
+    for t in range(16):
+        second = 1 if t % 2 == 0 else 2
+        e_second = experts[second](x[t:t + 1])[0]
+        if t < 8:
+            g0, g1 = probs[t, 0], probs[t, second]
+            expected = (g0 * experts[0](x[t:t + 1])[0] + g1 * e_second) / (g0 + g1)
+        else:  # first choice dropped: the surviving second choice gets the whole weight
+            expected = e_second
+        torch.testing.assert_close(out[t], expected, atol=1e-6, rtol=1e-5, msg=f"token {t}")
+
+
+def test_top1_capacity_drop_leaves_only_the_residual_path(backend):
+    x, wg = _forced_routing_case(top_k=1)
+    block = _build_dropping_block(backend, top_k=1, use_residual=True)
+    with torch.no_grad():
+        block.deepspeed_moe.gate.wg.weight.copy_(wg)
+        out = block(x)
+        mix = F.softmax(block.coefficient(x), dim=-1)
+        residual_only = block.mlp(x) * mix[:, 1:]
+        routed = F.softmax(x @ wg.t(), -1)[:, :1] * block.deepspeed_moe.experts.deepspeed_experts[0](x)
+        full = routed * mix[:, :1] + residual_only
+    # capacity = ceil(16 / 4 * 1.0) = 4 of the 16 tokens routed to expert 0.
+    kept = [t for t in range(16) if torch.allclose(out[t], full[t], atol=1e-6)]
+    dropped = [t for t in range(16) if torch.allclose(out[t], residual_only[t], atol=1e-6)]
+    assert len(kept) == 4 and sorted(kept + dropped) == list(range(16))
+    if backend == "native":
+        assert kept == [0, 1, 2, 3]  # token order; DeepSpeed's Random Token Selection keeps a random 4
+    assert float(block.last_dropped_fraction) == 12 / 16
+
+
+def test_eval_routing_is_deterministic_and_uses_eval_capacity(backend):
+    drop = True if backend == "native" else None
+    block = MoEBlock(HIDDEN, swiglu(), 4, capacity_factor=0.5, eval_capacity_factor=4.0, backend=backend,
+                     drop_tokens=drop)
+    diversify(block)
+    x = tokens()
+    with torch.no_grad():
+        block.train()
+        block(x)
+        assert float(block.last_dropped_fraction) > 0  # capacity ceil(33 / 4 * 0.5 * 2) = 9 < 66 choices
+        block.eval()
+        first = block(x)
+        first_counts = block.last_tokens_per_expert.clone()
+        second = block(x)
+    assert float(block.last_dropped_fraction) == 0.0
+    assert torch.equal(first, second)
+    assert torch.equal(first_counts, block.last_tokens_per_expert)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_aux_loss_matches_its_definition(backend, top_k):
+    block = MoEBlock(HIDDEN, swiglu(), 4, top_k=top_k, capacity_factor=4.0, backend=backend)
+    diversify(block)
+    x = tokens()
+    block(x)
+    expected = expected_aux_loss(x, block.deepspeed_moe.gate.wg.weight, top_k)
+    torch.testing.assert_close(block.last_aux_loss, expected.detach())
+    assert not block.last_aux_loss.requires_grad
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_router_gets_aux_loss_gradient_under_checkpointing(backend, use_reentrant):
+    coef = 0.25
+    with_aux = MoEBlock(HIDDEN, swiglu(), 4, backend=backend, router_aux_loss_coef=coef, capacity_factor=4.0)
+    diversify(with_aux)
+    without_aux = MoEBlock(HIDDEN, swiglu(), 4, backend=backend, router_aux_loss_coef=0.0, capacity_factor=4.0)
+    without_aux.load_state_dict(with_aux.state_dict())
+    # A small LM-side gradient keeps fp32 cancellation in (aux - plain) well below the aux term.
+    weight = torch.randn(3, 11, HIDDEN, generator=torch.Generator().manual_seed(7)) * 1e-3
+
+    grads = {}
+    for name, block in (("aux", with_aux), ("plain", without_aux)):
+        x = tokens(requires_grad=True)
+        (checkpoint(block, x, use_reentrant=use_reentrant) * weight).sum().backward()
+        grads[name] = (block.deepspeed_moe.gate.wg.weight.grad, x.grad)
+
+    wg = with_aux.deepspeed_moe.gate.wg.weight.detach().requires_grad_(True)
+    x = tokens(requires_grad=True)
+    d_wg, d_x = torch.autograd.grad(expected_aux_loss(x, wg, top_k=2), (wg, x))
+    assert d_wg.abs().sum() > 0
+    torch.testing.assert_close(grads["aux"][0] - grads["plain"][0], coef * d_wg, atol=1e-7, rtol=1e-4)
+    torch.testing.assert_close(grads["aux"][1] - grads["plain"][1], coef * d_x, atol=1e-7, rtol=1e-4)
+
+
+def test_state_dict_moves_between_backends(ds_group):
+    settings = dict(use_residual=True, capacity_factor=4.0)
+    native = MoEBlock(HIDDEN, swiglu(), 4, backend="native", **settings)
+    diversify(native, seed=11)
+    deep = MoEBlock(HIDDEN, swiglu(seed=5), 4, backend="deepspeed", **settings)
+    assert str(deep.load_state_dict(native.state_dict())) == "<All keys matched successfully>"
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(deep(x), native(x), atol=1e-6, rtol=1e-5)
+
+    diversify(deep, seed=12)
+    back = MoEBlock(HIDDEN, swiglu(seed=6), 4, backend="native", **settings)
+    assert str(back.load_state_dict(deep.state_dict())) == "<All keys matched successfully>"
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), deep(x), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(top_k=3), r"top_k_experts=3 is not supported: use 1 or 2"),
+        (dict(num_experts=1, top_k=2), r"exceeds num_experts=1: use top_k_experts <= num_experts"),
+        (dict(num_experts=0), r"num_experts must be an int >= 1"),
+        (dict(num_experts=6, ep_size=4), r"ep_size=4 does not divide num_experts=6"),
+        (dict(backend="tutel"), r"Unknown MoE backend 'tutel': use one of \('native', 'deepspeed'\)"),
+        (dict(capacity_factor=0.0), r"capacity_factor must be a number > 0"),
+        (dict(eval_capacity_factor=-1.0), r"eval_capacity_factor must be a number > 0"),
+        (dict(min_capacity=-1), r"min_capacity must be an int >= 0"),
+        (dict(num_experts=4, ep_size=2), r"ep_size=2 needs backend='deepspeed'.*use ep_size=1"),
+        (dict(drop_tokens="yes"), r"drop_tokens must be None, True or False"),
+        (dict(router_aux_loss_coef=-0.1), r"router_aux_loss_coef must be a number >= 0 \(0 disables"),
+    ],
+)
+def test_bad_settings_raise_with_the_fix(kwargs, message):
+    kwargs = {"num_experts": 4, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        MoEBlock(HIDDEN, nn.Linear(HIDDEN, HIDDEN), **kwargs)
+
+
+def test_deepspeed_ep_size_must_divide_world_size(ds_group):
+    with pytest.raises(ValueError, match=r"ep_size=2 does not divide the world size 1"):
+        MoEBlock(HIDDEN, swiglu(), 4, backend="deepspeed", ep_size=2)
+
