@@ -42,7 +42,9 @@ def toy_corpus(num_lines: int = 600, seed: int = 0) -> List[str]:
     """Chat-like lines: the system prompt, USER/ASSISTANT turns, words, digits, punctuation, some unicode."""
     rng = random.Random(seed)
     lines = [_SYSTEM, "USER: <image>\nWhat is in the image? ASSISTANT: A cat."]
-    for _ in range(num_lines):
+    for line in range(num_lines):
+        if line % 20 == 0:
+            lines.append(_SYSTEM)  # frequent enough to become few tokens, as in a real chat-tuned vocabulary
         words = [rng.choice(_WORDS) for _ in range(rng.randint(3, 12))]
         if rng.random() < 0.3:
             words.insert(rng.randrange(len(words) + 1), str(rng.randint(0, 2024)))
