@@ -2,6 +2,7 @@
 
 import base64
 import json
+import pickle
 import random
 import unicodedata
 
@@ -232,6 +233,16 @@ def test_arcade100k_toy_ids_digits_and_round_trip(toy_tokenizer_dir, tmp_path):
     assert (reloaded.unk_token, reloaded.pad_token, reloaded.eos_token) == ("<|reg0|>", "<|reg0|>", "<|endoftext|>")
     for text in varied_strings(50, seed=5):
         assert reloaded(text).input_ids == tokenizer(text).input_ids
+
+
+@pytest.mark.parametrize("family", ["qwen", "stablelm"])
+def test_tiktoken_tokenizers_pickle(toy_tokenizers, family):
+    # DataLoader workers started with spawn receive the tokenizer pickled.
+    tokenizer = toy_tokenizers[family]
+    copy = pickle.loads(pickle.dumps(tokenizer))
+    text = "USER: <image>\nWhat is it?<|endoftext|>"
+    assert copy(text).input_ids == tokenizer(text).input_ids
+    assert (copy.unk_token_id, copy.pad_token_id) == (tokenizer.unk_token_id, tokenizer.pad_token_id)
 
 
 # --- toy builders -------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from .families import (
     apply_family_rules,
     detect_family,
     family_for_model_type,
+    family_for_tokenizer_class,
+    get_family,
     load_tokenizer,
 )
 from .qwen import QWenTokenizer
@@ -41,5 +43,7 @@ __all__ = [
     "apply_family_rules",
     "detect_family",
     "family_for_model_type",
+    "family_for_tokenizer_class",
+    "get_family",
     "load_tokenizer",
 ]

@@ -169,8 +169,9 @@ def _verify(tokenizer: PreTrainedTokenizerBase, rules: TokenizerFamily) -> None:
     """The rules took effect, and the end-of-turn token written in text (as templates write it) is one token."""
     wanted = {**rules.add_special_tokens, **rules.assign_special_tokens}
     for attribute, token in wanted.items():
-        if str(getattr(tokenizer, attribute)) != token:
-            raise ValueError(f"{rules.name} rules: {attribute} is {getattr(tokenizer, attribute)!r}, expected {token!r}")
+        actual = tokenizer.special_tokens_map.get(attribute)
+        if actual != token:
+            raise ValueError(f"{rules.name} rules: {attribute} is {actual!r}, expected {token!r}")
     for attribute in ("unk_token", "pad_token", "eos_token"):
         token = tokenizer.special_tokens_map.get(attribute)
         if token is None:
@@ -178,13 +179,13 @@ def _verify(tokenizer: PreTrainedTokenizerBase, rules: TokenizerFamily) -> None:
         token_id = tokenizer.convert_tokens_to_ids(token)
         if token_id is None or tokenizer.convert_ids_to_tokens(token_id) != token:
             raise ValueError(f"{rules.name} rules: {attribute} {token!r} is not a token of the vocabulary")
-    eos_in_text = tokenizer(str(tokenizer.eos_token), add_special_tokens=False).input_ids
+    eos = tokenizer.special_tokens_map["eos_token"]
+    eos_in_text = tokenizer(eos, add_special_tokens=False).input_ids
     if eos_in_text != [tokenizer.eos_token_id]:
         raise ValueError(
-            f"{type(tokenizer).__name__} does not read {str(tokenizer.eos_token)!r} in text as the eos token "
-            f"(got ids {eos_in_text}, expected [{tokenizer.eos_token_id}]); conversation templates write it as text. "
-            "Load the tokenizer from its folder with tokenizer_config.json (from_pretrained), not from the "
-            "vocabulary file alone."
+            f"{type(tokenizer).__name__} does not read {eos!r} in text as the eos token (got ids {eos_in_text}, "
+            f"expected [{tokenizer.eos_token_id}]); conversation templates write it as text. Load the tokenizer "
+            "from its folder with tokenizer_config.json (from_pretrained), not from the vocabulary file alone."
         )
 
 
