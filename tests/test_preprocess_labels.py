@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from moellava import conversation as conversation_lib
 from moellava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from moellava.mm_utils import tokenizer_image_token
-from moellava.train.preprocess import _comparable, _decode_span, find_trained_spans, preprocess
+from moellava.train.preprocess import LabelAlignmentError, _comparable, _decode_span, find_trained_spans, preprocess
 
 WORDS = ["the", "cat", "is", "black", "Answer", "image", "shows", "two", "dogs", "ASSISTANT", "USER"]
 SNIPPETS = [
@@ -53,6 +53,12 @@ def rendered_pieces(source):
     return conv.render()
 
 
+def round_trips(tokenizer, text, has_image):
+    ids = tokenizer_image_token(text, tokenizer) if has_image else tokenizer(text).input_ids
+    bos = tokenizer.bos_token if ids and ids[0] == tokenizer.bos_token_id else ""
+    return _comparable(_decode_span(tokenizer, ids)) == _comparable(bos + text)
+
+
 def decode_prefix(tokenizer, ids):
     return _decode_span(tokenizer, ids)
 
@@ -74,14 +80,18 @@ def assert_exact_labels(tokenizer, pieces, ids, labels, has_image):
             bounds.append((position, position + len(piece)))
         position += len(piece)
     assert len(spans) == len(answers), (spans, answers)
+    # Where the tokenizer keeps every character (it may not: see round_trips), the text before each span
+    # is exactly the instruction text before the answer.
+    lossless = round_trips(tokenizer, text, has_image)
     bos = tokenizer.bos_token if ids and ids[0] == tokenizer.bos_token_id and tokenizer.bos_token_id is not None else ""
     for (start, end), answer, (char_start, char_end) in zip(spans, answers, bounds):
         assert _comparable(_decode_span(tokenizer, ids[start:end])) == _comparable(answer)
-        # Everything before the span is instruction text, everything up to its end is text up to the answer's end.
-        assert _comparable(decode_prefix(tokenizer, ids[:start])) == _comparable(bos + text[:char_start])
-        assert _comparable(decode_prefix(tokenizer, ids[:end])) == _comparable(bos + text[:char_end])
+        if lossless:
+            assert _comparable(decode_prefix(tokenizer, ids[:start])) == _comparable(bos + text[:char_start])
+            assert _comparable(decode_prefix(tokenizer, ids[:end])) == _comparable(bos + text[:char_end])
+        # An instruction ending in whitespace ("ASSISTANT: ") must not lend its whitespace token to the span.
         first = tokenizer.decode([ids[start]], skip_special_tokens=False)
-        if first.strip() == "":
+        if first.strip() == "" and text[:char_start][-1:].isspace():
             assert answer[:1].isspace(), f"whitespace-only instruction token {first!r} leaked into the labels"
 
 
@@ -110,7 +120,14 @@ def check_generated(tokenizer, data):
                   (source[1]["value"] + "\n", True)]
     else:
         pieces = rendered_pieces(source)
-    out = preprocess([source], tokenizer, has_image=with_images)
+    try:
+        out = preprocess([source], tokenizer, has_image=with_images)
+    except LabelAlignmentError as error:
+        # Refusing is right only when the tokenizer itself loses text (e.g. transformers 4.31's non-legacy
+        # Llama path turns a piece after a special token into <unk> when the vocabulary lacks it).
+        assert error.kind == "mismatch"
+        assert not round_trips(tokenizer, "".join(piece for piece, _ in pieces), with_images), error
+        return
     assert_exact_labels(tokenizer, pieces, out["input_ids"][0].tolist(), out["labels"][0].tolist(), with_images)
 
 
