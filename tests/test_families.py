@@ -19,7 +19,7 @@ def test_family_table():
     assert {name: (f.version, f.train_modules) for name, f in FAMILIES.items()} == {
         "llama": ("v1", ("gate_proj", "up_proj", "down_proj", "wg")),
         "mistral": ("mistral", ("gate_proj", "up_proj", "down_proj", "wg")),
-        "qwen": ("qwen", ("w1", "w2", "c_proj", "wg")),
+        "qwen": ("qwen", ("mlp.w1", "mlp.w2", "mlp.c_proj", "wg")),
         "phi": ("phi", ("fc1", "fc2", "wg")),
         "stablelm": ("stablelm", ("gate_proj", "up_proj", "down_proj", "wg")),
     }

@@ -53,7 +53,7 @@ FAMILIES: Dict[str, TokenizerFamily] = {
     "qwen": TokenizerFamily(
         name="qwen",
         version="qwen",
-        train_modules=("w1", "w2", "c_proj", "wg"),
+        train_modules=("mlp.w1", "mlp.w2", "mlp.c_proj", "wg"),  # plain "c_proj" would also train attn.c_proj
         model_types=("qwen", "llava_qwen", "moe_llava_qwen"),
         tokenizer_classes=("QWenTokenizer",),
         add_special_tokens={"unk_token": "<|extra_0|>", "eos_token": "<|endoftext|>"},
