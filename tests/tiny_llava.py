@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-from moellava.model import LlavaLlamaConfig, LlavaLlamaForCausalLM
+from moellava.model import LlavaLlamaConfig, LlavaLlamaForCausalLM, MoELLaVALlamaConfig, MoELLaVALlamaForCausalLM
+from moellava.model.moe import build_moe_settings, moe_blocks
 from moellava.model.multimodal_encoder import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 from moellava.tokenization import load_tokenizer
 from moellava.tokenization.toy import build_toy_tokenizer
@@ -90,10 +91,31 @@ def tiny_llava_llama(tokenizer_dir: str, tower_dir: str, *, seed: int = 0, model
     return model.eval()
 
 
+def upcycle_llava_llama(dense: LlavaLlamaForCausalLM, **moe_kwargs) -> MoELLaVALlamaForCausalLM:
+    """A MoE copy of `dense` (stage 3): experts upcycled from its FFNs; `moe_kwargs` go to
+    `build_moe_settings` (num_experts=4, moe_mode="sparse", top_k_experts=2, backend="native", ...)."""
+    model = MoELLaVALlamaForCausalLM(MoELLaVALlamaConfig.from_dict(dense.config.to_dict()))
+    model.load_state_dict(dense.state_dict())
+    model.initialize_moe_modules(build_moe_settings(model.config.num_hidden_layers, **moe_kwargs))
+    return model.eval()
+
+
+def perturb_experts(model, scale: float = 0.05, seed: int = 0) -> None:
+    """Add seeded noise to every MoE block's experts and router, so experts differ and routing matters."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in moe_blocks(model):
+            for param in block.parameters():
+                param.add_(torch.randn(param.shape, generator=generator).to(param.dtype) * scale)
+
+
 def build_tiny_llava_llama(out_dir: str, tokenizer_dir: str, tower_dir: str, *, seed: int = 0,
-                           **config_overrides) -> str:
-    """A saved dense LLaVA-Llama checkpoint (weights, config, tokenizer) in `out_dir`."""
+                           moe: Optional[dict] = None, **config_overrides) -> str:
+    """A saved LLaVA-Llama checkpoint (weights, config, tokenizer) in `out_dir`: dense, or MoE upcycled
+    with `moe` as `build_moe_settings` keyword arguments (e.g. `moe={"num_experts": 4}`)."""
     model = tiny_llava_llama(tokenizer_dir, tower_dir, seed=seed, **config_overrides)
+    if moe is not None:
+        model = upcycle_llava_llama(model, **moe)
     model.save_pretrained(out_dir)
     load_tokenizer(tokenizer_dir).save_pretrained(out_dir)
     return str(out_dir)

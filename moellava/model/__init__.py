@@ -2,5 +2,12 @@
 with AutoConfig and AutoModelForCausalLM."""
 
 from moellava.model.language_model.llava_llama import LlavaLlamaConfig, LlavaLlamaForCausalLM, LlavaLlamaModel
+from moellava.model.language_model.llava_llama_moe import MoELLaVALlamaConfig, MoELLaVALlamaForCausalLM
 
-__all__ = ["LlavaLlamaConfig", "LlavaLlamaForCausalLM", "LlavaLlamaModel"]
+__all__ = [
+    "LlavaLlamaConfig",
+    "LlavaLlamaForCausalLM",
+    "LlavaLlamaModel",
+    "MoELLaVALlamaConfig",
+    "MoELLaVALlamaForCausalLM",
+]

@@ -13,6 +13,12 @@ from moellava.model.llava_arch import Images, LlavaMetaForCausalLM, LlavaMetaMod
 class LlavaLlamaConfig(LlamaConfig):
     model_type = "llava_llama"
 
+    def __init__(self, **kwargs):
+        # A backbone's config.json ("llama", or "llava_llama" read by the MoE subclass) would otherwise set
+        # an instance model_type that hides this class's until the config is saved and reloaded.
+        kwargs.pop("model_type", None)
+        super().__init__(**kwargs)
+
 
 class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
     config_class = LlavaLlamaConfig

@@ -69,6 +69,12 @@ class VisionTower(nn.Module):
         image_processor = cls.processor_class.from_dict(processor_config)
         return cls(name, vision_model, image_processor, select_layer, select_feature)
 
+    def load_pretrained_weights(self, cache_dir: Optional[str] = None) -> None:
+        """Copy the weights of `self.name` (hub id or folder) into this tower, keeping its dtype and device."""
+        kwargs = {"cache_dir": cache_dir} if cache_dir is not None else {}
+        pretrained = self.model_class.from_pretrained(self.name, **kwargs)
+        self.image_tower.load_state_dict(pretrained.state_dict())
+
     def feature_select(self, hidden_states) -> torch.Tensor:
         features = hidden_states[self.select_layer]
         if self.select_feature == "patch" and self.has_cls_token:

@@ -1,0 +1,150 @@
+"""`load_pretrained_model`: a LLaVA / MoE-LLaVA checkpoint for inference, chosen by `config.model_type`
+(never by folder name), on CPU or GPU, with MoE layers on the native backend by default (no `deepspeed`
+launcher, no process group)."""
+
+import logging
+import os
+from typing import Optional, Tuple, Union
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import moellava.model  # noqa: F401  (registers the llava_* / moe_llava_* model types)
+from moellava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
+from moellava.model.moe_model import has_moe_layers, set_moe_backend
+from moellava.tokenization import family_for_model_type, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PROJECTOR_FILE = "mm_projector.bin"
+
+
+def resolve_dtype(torch_dtype: Union[None, str, torch.dtype], device: str) -> torch.dtype:
+    """None -> float32 on CPU, float16 on GPU; names as in DTYPES, or a torch.dtype from DTYPES."""
+    if torch_dtype is None:
+        return torch.float32 if torch.device(device).type == "cpu" else torch.float16
+    if isinstance(torch_dtype, torch.dtype) and torch_dtype in DTYPES.values():
+        return torch_dtype
+    if isinstance(torch_dtype, str) and torch_dtype in DTYPES:
+        return DTYPES[torch_dtype]
+    raise ValueError(f"torch_dtype={torch_dtype!r} is not supported: use one of {sorted(DTYPES)} (or None).")
+
+
+def load_pretrained_model(
+    model_path: str,
+    model_base: Optional[str] = None,
+    *,
+    device: str = "cpu",
+    torch_dtype: Union[None, str, torch.dtype] = None,
+    moe_backend: str = "native",
+    padding_side: str = "right",
+) -> Tuple[object, torch.nn.Module, object, int]:
+    """Returns `(tokenizer, model, image_processor, context_len)`, the model in eval mode on `device`.
+
+    model_path: a saved LLaVA checkpoint (config.json model_type `llava_<family>` or `moe_llava_<family>`),
+      or, with `model_base`, a Stage-1 output (config.json + mm_projector.bin) over the base LLM folder.
+    padding_side: where the tokenizer pads, and where the image splicing re-pads a batch
+      (`config.tokenizer_padding_side`); batched generation needs "left".
+    moe_backend: "native" (default, any single process) or "deepspeed" (needs deepspeed.init_distributed()).
+    """
+    dtype = resolve_dtype(torch_dtype, device)
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side={padding_side!r} is not supported: use 'left' or 'right'.")
+    config = AutoConfig.from_pretrained(model_path)
+    model_type = config.model_type
+    if not model_type.startswith(("llava_", "moe_llava_")):
+        raise ValueError(
+            f"{model_path} has model_type {model_type!r}, not a LLaVA checkpoint (llava_<family> or "
+            f"moe_llava_<family>). Pass the folder written by training (stage 2 or 3), or a Stage-1 folder "
+            f"with --model-base <LLM folder>."
+        )
+    if has_moe_layers(config):
+        set_moe_backend(config, moe_backend)
+    config.tokenizer_padding_side = padding_side
+
+    if model_base is not None:
+        projector_file = os.path.join(model_path, PROJECTOR_FILE)
+        if not os.path.isfile(projector_file):
+            raise ValueError(
+                f"model_base is for a Stage-1 output (config.json + {PROJECTOR_FILE}), but {model_path} has no "
+                f"{PROJECTOR_FILE}. Load a full checkpoint without model_base."
+            )
+        weights_path, tokenizer_path = model_base, model_base
+    else:
+        projector_file, weights_path, tokenizer_path = None, model_path, model_path
+
+    model, info = AutoModelForCausalLM.from_pretrained(
+        weights_path, config=config, torch_dtype=dtype, output_loading_info=True
+    )
+    _complete_missing_weights(model, info["missing_keys"], projector_file, weights_path)
+
+    tokenizer = load_tokenizer(tokenizer_path, family=family_for_model_type(model_type), padding_side=padding_side)
+    _add_vision_tokens(model, tokenizer)
+
+    model.to(device=device).eval()
+    image_processor = model.get_image_tower().image_processor if model.get_image_tower() is not None else None
+    return tokenizer, model, image_processor, _context_length(config)
+
+
+def _complete_missing_weights(model, missing_keys, projector_file: Optional[str], weights_path: str) -> None:
+    """Fill the weights a checkpoint may legitimately lack, and refuse any other gap.
+
+    - Image tower: published checkpoints and Stage-1 outputs may not hold it: load it from its hub id /
+      folder (`config.mm_image_tower`).
+    - Projector, for a Stage-1 output over a base LLM: from its mm_projector.bin.
+    """
+    tower = model.get_image_tower()
+    projector = getattr(model.get_model(), "mm_projector", None)
+    prefixes = {"tower": None, "projector": None}
+    for name, module in model.named_modules():
+        if tower is not None and module is tower:
+            prefixes["tower"] = name + "."
+        elif projector_file is not None and module is projector:
+            prefixes["projector"] = name + "."
+
+    def under(part: str) -> set:
+        return {key for key in missing_keys if prefixes[part] and key.startswith(prefixes[part])}
+
+    tower_missing, projector_missing = under("tower"), under("projector")
+    other = sorted(set(missing_keys) - tower_missing - projector_missing)
+    if other:
+        raise ValueError(
+            f"{weights_path} lacks weights for {other[:10]}{' ...' if len(other) > 10 else ''} "
+            f"({len(other)} tensors): the checkpoint does not match its config.json. Re-save it from training."
+        )
+    if tower_missing:
+        tower_parameters = {prefixes["tower"] + name for name, _ in tower.named_parameters()}
+        if not tower_parameters <= tower_missing:
+            raise ValueError(
+                f"{weights_path} holds only part of the image tower (missing {sorted(tower_missing)[:5]} ...): "
+                "re-save the checkpoint."
+            )
+        logger.info("The checkpoint has no image tower weights: loading them from %s.", tower.name)
+        tower.load_pretrained_weights()
+    if projector_file is not None:
+        model.get_model().load_mm_projector(projector_file)
+
+
+def _add_vision_tokens(model, tokenizer) -> None:
+    """Add the image tokens the checkpoint was trained with; grow (never shrink) the embeddings."""
+    config = model.config
+    tokens = []
+    if getattr(config, "mm_use_im_patch_token", False):
+        tokens.append(DEFAULT_IMAGE_PATCH_TOKEN)
+    if getattr(config, "mm_use_im_start_end", False):
+        tokens += [DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN]
+    if tokens:
+        tokenizer.add_tokens(tokens, special_tokens=True)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        logger.warning("Tokenizer has %d tokens, the embeddings %d rows: growing the embeddings.", len(tokenizer), rows)
+        model.resize_token_embeddings(len(tokenizer))
+
+
+def _context_length(config) -> int:
+    for key in ("max_sequence_length", "tokenizer_model_max_length", "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if value:
+            return int(value)
+    return 2048
