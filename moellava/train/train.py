@@ -1,0 +1,251 @@
+"""`train()`: the three MoE-LLaVA training stages, run by the `deepspeed` launcher (or `torchrun`, or plain
+`python` on one device).
+
+Stage 1 (`--version plain --tune_mm_mlp_adapter True`): only the projector trains; `mm_projector.bin`.
+Stage 2 (`--pretrain_mm_mlp_adapter .../mm_projector.bin`): the LLM and the projector train.
+Stage 3 (`--moe_enable True`): the stage-2 model's FFNs are upcycled into MoE layers; the parameters named
+by `--train_modules`, the routers and the projector train.
+A run whose `--output_dir` holds `checkpoint-*` folders resumes from the last one. The final output of
+stages 2 and 3 is a Hugging Face checkpoint (safetensors, config with `conv_template`, tokenizer) that
+`moellava.model.builder.load_pretrained_model(output_dir)` loads with no other argument.
+"""
+
+import dataclasses
+import logging
+import os
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import transformers
+from transformers import AutoConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.trainer_utils import get_last_checkpoint
+
+import moellava.model  # noqa: F401  (registers the llava_* / moe_llava_* model types)
+from moellava import conversation as conversation_lib
+from moellava.model.moe import build_moe_settings, freeze_for_moe_training
+from moellava.model.moe_model import has_moe_layers
+from moellava.tokenization import family_for_model_type, get_family, load_tokenizer
+from moellava.train.arguments import DataArguments, ModelArguments, TrainingArguments, check_arguments
+from moellava.train.dataset import make_supervised_data_module
+from moellava.train.llava_trainer import LLaVATrainer, SKIP_REPORT_FILE
+
+logger = logging.getLogger("moellava.train")
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    """INFO on the main process, warnings only elsewhere (every rank would repeat the same lines)."""
+    level = logging.INFO if training_args.should_log else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, force=True)
+    logging.getLogger("moellava").setLevel(level)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+
+
+def resolve_moe_backend(requested: str, training_args: TrainingArguments) -> str:
+    """`auto`: DeepSpeed-MoE under the DeepSpeed engine with several processes, else the native dispatcher."""
+    if requested != "auto":
+        return requested
+    return "deepspeed" if training_args.deepspeed and training_args.world_size > 1 else "native"
+
+
+def model_class_for(model_type: str, moe: bool):
+    """The LLaVA causal-LM class for a checkpoint's `model_type` (a backbone such as "llama", or a
+    "llava_<family>" / "moe_llava_<family>" checkpoint); dispatch is on the type, never the folder name."""
+    family = family_for_model_type(model_type)
+    target = f"moe_llava_{family}" if moe else f"llava_{family}"
+    if target not in CONFIG_MAPPING:
+        raise ValueError(
+            f"model_type {model_type!r} is of the {family!r} family, but no {target!r} model is registered in "
+            "moellava.model: that family cannot be trained yet."
+        )
+    return MODEL_FOR_CAUSAL_LM_MAPPING[CONFIG_MAPPING[target]]
+
+
+def load_model(model_args: ModelArguments, training_args: TrainingArguments):
+    """The model of `--model_name_or_path` in its LLaVA class (MoE class for stage 3)."""
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=training_args.cache_dir)
+    already_moe = has_moe_layers(config)
+    if already_moe and not model_args.moe_enable:
+        raise ValueError(
+            f"{model_args.model_name_or_path} is a MoE checkpoint: pass --moe_enable True to keep training it."
+        )
+    model_class = model_class_for(config.model_type, model_args.moe_enable)
+    config = model_class.config_class.from_pretrained(model_args.model_name_or_path, cache_dir=training_args.cache_dir)
+    if already_moe:
+        # The expert layout is a property of this run (processes, --ep_size), not of the checkpoint.
+        config.moe = {**config.moe, "backend": resolve_moe_backend(model_args.moe_backend, training_args),
+                      "ep_size": model_args.ep_size}
+    # DeepSpeed casts the model to its precision anyway; without it the Trainer keeps fp32 master weights.
+    dtype = torch.float32
+    if training_args.deepspeed and (training_args.bf16 or training_args.fp16):
+        dtype = torch.bfloat16 if training_args.bf16 else torch.float16
+    model = model_class.from_pretrained(
+        model_args.model_name_or_path, config=config, cache_dir=training_args.cache_dir, torch_dtype=dtype
+    )
+    model.config.use_cache = False
+    return model
+
+
+def upcycle(model, model_args: ModelArguments, training_args: TrainingArguments, family: str) -> List[str]:
+    """Stage 3: MoE layers from the dense FFNs (unless the checkpoint has them); returns the train_modules."""
+    train_modules = model_args.train_modules or list(get_family(family).train_modules)
+    if not has_moe_layers(model.config):
+        settings = build_moe_settings(
+            model.config.num_hidden_layers,
+            num_experts=model_args.num_experts,
+            moe_mode=model_args.moe_mode,
+            moe_layers_idx=model_args.moe_layers_idx,
+            top_k_experts=model_args.top_k_experts,
+            capacity_factor=model_args.capacity_factor,
+            eval_capacity_factor=model_args.eval_capacity_factor,
+            min_capacity=model_args.min_capacity,
+            use_residual=model_args.use_residual,
+            router_aux_loss_coef=model_args.router_aux_loss_coef,
+            ep_size=model_args.ep_size,
+            train_modules=train_modules,
+            backend=resolve_moe_backend(model_args.moe_backend, training_args),
+            drop_tokens=model_args.drop_tokens,
+        )
+        model.initialize_moe_modules(settings)
+    else:
+        logger.info("%s already has MoE layers %s: training them further.", model_args.model_name_or_path,
+                    model.config.moe["moe_layers_idx"])
+    return train_modules
+
+
+def vision_arguments(model_args: ModelArguments, config) -> Optional[ModelArguments]:
+    """The model arguments with the tower, projector type and feature selection filled from the checkpoint
+    when not given; None for a text-only model."""
+    tower = model_args.image_tower or getattr(config, "mm_image_tower", None)
+    if not tower:
+        return None
+    return dataclasses.replace(
+        model_args,
+        image_tower=tower,
+        image_projector_type=model_args.image_projector_type or getattr(config, "image_projector_type", "linear"),
+    )
+
+
+def set_trainable(model, model_args: ModelArguments, training_args: TrainingArguments,
+                  train_modules: Optional[Sequence[str]]) -> None:
+    """Which parameters train in this stage (after every module, new token rows included, exists)."""
+    inner = model.get_model()
+    projector = getattr(inner, "mm_projector", None)
+    if model_args.moe_enable:
+        freeze_for_moe_training(model, train_modules)
+    if model_args.tune_mm_mlp_adapter:
+        model.requires_grad_(False)
+    if model_args.freeze_backbone:
+        inner.requires_grad_(False)
+    if projector is not None:
+        projector.requires_grad_(not training_args.freeze_mm_mlp_adapter)
+    if model_args.tune_mm_mlp_adapter and model_args.mm_use_im_start_end:
+        # The <im_start>/<im_end> rows are learnt with the projector in stage 1 (as in LLaVA).
+        model.get_input_embeddings().requires_grad_(True)
+    tower = model.get_image_tower() if hasattr(model, "get_image_tower") else None
+    if tower is not None:
+        tower.requires_grad_(False)
+
+
+def log_trainable(model) -> None:
+    trainable = [(name, p.numel()) for name, p in model.named_parameters() if p.requires_grad]
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("Trainable: %d tensors, %d of %d parameters (%.2f%%)", len(trainable),
+                sum(n for _, n in trainable), total, 100.0 * sum(n for _, n in trainable) / max(total, 1))
+    for name, numel in trainable:
+        logger.debug("  trains %s (%d)", name, numel)
+
+
+def parse_arguments(argv: Optional[Sequence[str]] = None) -> Tuple[ModelArguments, DataArguments, TrainingArguments]:
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    check_arguments(model_args, data_args, training_args)
+    return model_args, data_args, training_args
+
+
+def train(argv: Optional[Sequence[str]] = None) -> None:
+    model_args, data_args, training_args = parse_arguments(argv)
+    setup_logging(training_args)
+    transformers.set_seed(training_args.seed)
+
+    model = load_model(model_args, training_args)
+    family = family_for_model_type(model.config.model_type)
+    tokenizer = load_tokenizer(
+        model_args.model_name_or_path,
+        family=family,
+        model_max_length=training_args.model_max_length,
+        padding_side="right",
+        cache_dir=training_args.cache_dir,
+    )
+    version = model_args.version or get_family(family).version
+    conversation_lib.set_default_conversation(version)
+    model.config.conv_template = version
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+    train_modules = upcycle(model, model_args, training_args, family) if model_args.moe_enable else None
+
+    image_processor, tokens_per_image = None, 0
+    vision_args = vision_arguments(model_args, model.config)
+    if vision_args is not None:
+        model.get_model().initialize_vision_modules(vision_args)
+        tower = model.get_image_tower()
+        image_processor, tokens_per_image = tower.image_processor, tower.num_tokens
+        model.config.image_aspect_ratio = data_args.image_aspect_ratio
+        model.config.tokenizer_padding_side = tokenizer.padding_side
+        model.config.tokenizer_model_max_length = training_args.model_max_length
+        model.config.mm_use_im_start_end = model_args.mm_use_im_start_end
+        model.config.mm_use_im_patch_token = model_args.mm_use_im_patch_token
+        model.config.mm_projector_lr = training_args.mm_projector_lr
+        model.initialize_vision_tokenizer(vision_args, tokenizer)
+    elif model_args.tune_mm_mlp_adapter or model_args.pretrain_mm_mlp_adapter:
+        raise ValueError("The projector flags need an image tower: pass --image_tower.")
+
+    set_trainable(model, model_args, training_args, train_modules)
+    if training_args.gradient_checkpointing:
+        # Frozen embeddings would give checkpointed layers inputs without grad, and no gradient at all.
+        model.enable_input_require_grads()
+    log_trainable(model)
+
+    data_module = make_supervised_data_module(
+        tokenizer,
+        data_args,
+        image_processor=image_processor,
+        tokens_per_image=tokens_per_image,
+        mm_use_im_start_end=model_args.mm_use_im_start_end,
+    )
+    dataset = data_module["train_dataset"]
+    projector_only_keys = None
+    if model_args.tune_mm_mlp_adapter:
+        projector_only_keys = ["mm_projector."] + (["embed_tokens."] if model_args.mm_use_im_start_end else [])
+    trainer = LLaVATrainer(
+        model=model,
+        tokenizer=tokenizer,
+        args=training_args,
+        skip_report=dataset.skip_report if data_args.skip_bad_samples else None,
+        projector_only_keys=projector_only_keys,
+        **data_module,
+    )
+
+    checkpoint = None
+    if os.path.isdir(training_args.output_dir) and not training_args.overwrite_output_dir:
+        checkpoint = get_last_checkpoint(training_args.output_dir)
+    if checkpoint is not None:
+        logger.info("Resuming from %s", checkpoint)
+        trainer.load_skip_report(checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_state()
+
+    model.config.use_cache = True
+    trainer.save_model(training_args.output_dir)
+    if data_args.skip_bad_samples:
+        trainer.save_skip_report(training_args.output_dir)
+        if training_args.should_log:
+            logger.info("Bad samples: %s (details in %s)", dataset.skip_report.summary(),
+                        os.path.join(training_args.output_dir, SKIP_REPORT_FILE))
+    logger.info("Training finished: %s", training_args.output_dir)
+
+
+if __name__ == "__main__":
+    train(sys.argv[1:])
