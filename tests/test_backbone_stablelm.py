@@ -372,8 +372,12 @@ def test_greedy_generation_of_a_left_padded_batch_matches_each_prompt_alone():
     mask = torch.zeros_like(ids)
     for row, prompt in enumerate(prompts):
         ids[row, 8 - len(prompt):], mask[row, 8 - len(prompt):] = prompt, 1
-    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    # No end-of-sequence stop, so every sequence gets 6 new tokens. (4.31 ignores eos_token_id=None passed to
+    # generate() and rebuilds the generation config from the model config, hence both.)
+    model.config.eos_token_id = model.generation_config.eos_token_id = None
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     batch = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, 8:]
+    assert batch.shape == (2, 6)
     for row, prompt in enumerate(prompts):
         alone = model.generate(input_ids=prompt[None], attention_mask=torch.ones(1, len(prompt)), **kwargs)
         assert torch.equal(batch[row], alone[0, len(prompt):])

@@ -48,6 +48,8 @@ CASES = {
     # Window 6 < prompt 16 + 20 new tokens: the window is exercised in the batch and during decoding.
     "mistral_gqa_window6": ("mistral", dict(num_key_value_heads=2, sliding_window=6), None),
     "mistral_no_window": ("mistral", dict(num_key_value_heads=1, sliding_window=None), None),
+    # Mistral-Nemo style explicit head_dim (heads * head_dim != hidden_size).
+    "mistral_head_dim32": ("mistral", dict(num_key_value_heads=2, head_dim=32, sliding_window=8), None),
 }
 
 # stablelm field -> stablelm_epoch field (configuration_stablelm_epoch.py of stabilityai/stablelm-2-1_6b).
@@ -78,6 +80,9 @@ def run_model(model, inputs):
         step = model(input_ids=input_ids[:, t : t + 1], past_key_values=past, use_cache=True)
         cached.append(step.logits)
         past = step.past_key_values
+    # No end-of-sequence stop: all 20 tokens are compared. (transformers 4.31 ignores eos_token_id=None passed to
+    # generate() and rebuilds the generation config from the model config, hence both.)
+    model.config.eos_token_id = model.generation_config.eos_token_id = None
     generated = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
