@@ -38,7 +38,7 @@ def build_tiny_clip_tower(out_dir: str, *, seed: int = 0, **overrides) -> str:
     """A random CLIP vision model + CLIP image processor (32 px, patch 8: 16 patches + CLS)."""
     torch.manual_seed(seed)
     config = CLIPVisionConfig(**{**TINY_TOWER, **overrides})
-    CLIPVisionModel(config).save_pretrained(out_dir)
+    CLIPVisionModel(config).save_pretrained(out_dir, safe_serialization=True)
     size = config.image_size
     CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
         out_dir
@@ -50,7 +50,7 @@ def build_tiny_siglip_tower(out_dir: str, *, seed: int = 0, **overrides) -> str:
     """A random SigLIP vision model + SigLIP image processor (32 px, patch 8: 16 patches, no CLS)."""
     torch.manual_seed(seed)
     config = SiglipVisionConfig(**{**TINY_TOWER, **overrides})
-    SiglipVisionModel(config).save_pretrained(out_dir)
+    SiglipVisionModel(config).save_pretrained(out_dir, safe_serialization=True)
     size = config.image_size
     SiglipImageProcessor(size={"height": size, "width": size}).save_pretrained(out_dir)
     return str(out_dir)
@@ -116,7 +116,7 @@ def build_tiny_llava_llama(out_dir: str, tokenizer_dir: str, tower_dir: str, *, 
     model = tiny_llava_llama(tokenizer_dir, tower_dir, seed=seed, **config_overrides)
     if moe is not None:
         model = upcycle_llava_llama(model, **moe)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
     load_tokenizer(tokenizer_dir).save_pretrained(out_dir)
     return str(out_dir)
 
@@ -130,7 +130,7 @@ def build_tiny_stage1(out_dir: str, base_dir: str, tokenizer_dir: str, tower_dir
     """
     tokenizer = load_tokenizer(tokenizer_dir)
     torch.manual_seed(seed)
-    LlamaForCausalLM(tiny_llama_config(tokenizer)).save_pretrained(base_dir)
+    LlamaForCausalLM(tiny_llama_config(tokenizer)).save_pretrained(base_dir, safe_serialization=True)
     tokenizer.save_pretrained(base_dir)
     model = LlavaLlamaForCausalLM.from_pretrained(base_dir)
     model.get_model().initialize_vision_modules(tiny_model_args(tower_dir))

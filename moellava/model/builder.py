@@ -120,7 +120,7 @@ def _complete_missing_weights(model, missing_keys, projector_file: Optional[str]
                 f"{weights_path} holds only part of the image tower (missing {sorted(tower_missing)[:5]} ...): "
                 "re-save the checkpoint."
             )
-        logger.info("The checkpoint has no image tower weights: loading them from %s.", tower.name)
+        logger.warning("The checkpoint has no image tower weights: loading them from %s.", tower.name)
         tower.load_pretrained_weights()
     if projector_file is not None:
         model.get_model().load_mm_projector(projector_file)
