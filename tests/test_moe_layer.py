@@ -137,66 +137,81 @@ def test_native_and_deepspeed_agree_on_outputs_and_gradients(ds_group, top_k, us
         torch.testing.assert_close(param.grad, deep_params[name].grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
-def _forced_routing_case(top_k):
-    """16 tokens whose first choice is expert 0; even tokens' second choice is 1, odd tokens' is 2."""
+# Forced routing for 16 tokens (capacity factor 1.0, 4 experts):
+#   tokens 0..11: first choice expert 0; second choice expert 1 (even tokens) or 2 (odd tokens)
+#   tokens 12..15: first choice expert 1, second choice expert 2
+FIRST = [0] * 12 + [1] * 4
+SECOND = [1 if t % 2 == 0 else 2 for t in range(12)] + [2] * 4
+
+
+def _forced_routing_case():
     x = torch.zeros(16, HIDDEN)
     x[:, 0] = 1.0
     x[:, 1] = torch.tensor([1.0, -1.0]).repeat(8)
-    x[:, 2:] = torch.randn(16, HIDDEN - 2, generator=torch.Generator().manual_seed(3)) * 0.1
+    x[12:, 2] = 1.0
+    x[:, 3:] = torch.randn(16, HIDDEN - 3, generator=torch.Generator().manual_seed(3)) * 0.1
     wg = torch.zeros(4, HIDDEN)
-    wg[0, 0], wg[1, 0], wg[1, 1], wg[2, 0], wg[2, 1] = 10.0, 5.0, 3.0, 5.0, -3.0
+    wg[0, 0] = 10.0
+    wg[1, :3] = torch.tensor([5.0, 3.0, 30.0])
+    wg[2, :3] = torch.tensor([5.0, -3.0, 14.0])
     return x, wg
 
 
-def _build_dropping_block(backend, top_k, use_residual=False):
+def _dropping_block(backend, top_k, wg, use_residual=False):
     # drop_tokens=None means capacity-limited on deepspeed; native drops only when asked.
     drop = True if backend == "native" else None
     block = MoEBlock(HIDDEN, swiglu(), 4, top_k=top_k, capacity_factor=1.0, backend=backend, drop_tokens=drop,
                      use_residual=use_residual)
     diversify(block)
+    with torch.no_grad():
+        block.deepspeed_moe.gate.wg.weight.copy_(wg)
     return block
 
 
-def test_top2_capacity_drops_later_first_choices_and_renormalises_survivors(backend):
-    x, wg = _forced_routing_case(top_k=2)
-    block = _build_dropping_block(backend, top_k=2)
+def test_top2_capacity_drops_in_token_order_and_renormalises_survivors(backend):
+    x, wg = _forced_routing_case()
+    block = _dropping_block(backend, 2, wg)
     with torch.no_grad():
-        block.deepspeed_moe.gate.wg.weight.copy_(wg)
         out = block(x)
         experts = block.deepspeed_moe.experts.deepspeed_experts
         probs = F.softmax(x @ wg.t(), dim=-1)
-    # capacity = ceil(16 / 4 * 1.0 * 2) = 8: expert 0 keeps tokens 0..7 (first choices in token order);
-    # experts 1 and 2 each get 8 second choices and keep them all.
-    assert block.last_tokens_per_expert.tolist() == [16, 8, 8, 0]
+    assert torch.equal(probs.topk(2).indices, torch.tensor([FIRST, SECOND]).t())
+    # capacity = ceil(16 / 4 * 1.0 * 2) = 8 slots per expert, first choices before second choices:
+    # expert 0 keeps first choices of tokens 0..7; expert 1 holds 4 first choices (12..15), so only the
+    # second choices of tokens 0, 2, 4, 6 fit; expert 2 keeps second choices 1, 3, ..., 11, 12, 13.
+    first_kept = [t < 8 or t >= 12 for t in range(16)]
+    second_kept = [t not in (8, 10, 14, 15) for t in range(16)]
+    assert block.last_tokens_per_expert.tolist() == [12, 10, 10, 0]
     assert float(block.last_dropped_fraction) == 8 / 32
     for t in range(16):
-        second = 1 if t % 2 == 0 else 2
-        e_second = experts[second](x[t:t + 1])[0]
-        if t < 8:
-            g0, g1 = probs[t, 0], probs[t, second]
-            expected = (g0 * experts[0](x[t:t + 1])[0] + g1 * e_second) / (g0 + g1)
-        else:  # first choice dropped: the surviving second choice gets the whole weight
-            expected = e_second
+        row = x[t:t + 1]
+        kept = [(e, probs[t, e]) for e, k in ((FIRST[t], first_kept[t]), (SECOND[t], second_kept[t])) if k]
+        expected = torch.zeros(HIDDEN)  # tokens 8 and 10 lose both choices
+        if kept:
+            total = sum(g for _, g in kept)
+            expected = sum(g / total * experts[e](row)[0] for e, g in kept)
         torch.testing.assert_close(out[t], expected, atol=1e-6, rtol=1e-5, msg=f"token {t}")
 
 
 def test_top1_capacity_drop_leaves_only_the_residual_path(backend):
-    x, wg = _forced_routing_case(top_k=1)
-    block = _build_dropping_block(backend, top_k=1, use_residual=True)
+    x, wg = _forced_routing_case()
+    block = _dropping_block(backend, 1, wg, use_residual=True)
     with torch.no_grad():
-        block.deepspeed_moe.gate.wg.weight.copy_(wg)
         out = block(x)
         mix = F.softmax(block.coefficient(x), dim=-1)
         residual_only = block.mlp(x) * mix[:, 1:]
-        routed = F.softmax(x @ wg.t(), -1)[:, :1] * block.deepspeed_moe.experts.deepspeed_experts[0](x)
+        probs = F.softmax(x @ wg.t(), -1)
+        experts = block.deepspeed_moe.experts.deepspeed_experts
+        routed = torch.stack([probs[t, e] * experts[e](x[t]) for t, e in enumerate(FIRST)])
         full = routed * mix[:, :1] + residual_only
-    # capacity = ceil(16 / 4 * 1.0) = 4 of the 16 tokens routed to expert 0.
+    # capacity = ceil(16 / 4 * 1.0) = 4: expert 0 keeps 4 of its 12 tokens, expert 1 all of its 4.
     kept = [t for t in range(16) if torch.allclose(out[t], full[t], atol=1e-6)]
     dropped = [t for t in range(16) if torch.allclose(out[t], residual_only[t], atol=1e-6)]
-    assert len(kept) == 4 and sorted(kept + dropped) == list(range(16))
+    assert sorted(kept + dropped) == list(range(16))
+    assert len(kept) == 8 and kept[4:] == [12, 13, 14, 15]
     if backend == "native":
-        assert kept == [0, 1, 2, 3]  # token order; DeepSpeed's Random Token Selection keeps a random 4
-    assert float(block.last_dropped_fraction) == 12 / 16
+        assert kept[:4] == [0, 1, 2, 3]  # token order; DeepSpeed's Random Token Selection keeps a random 4
+    assert float(block.last_dropped_fraction) == 8 / 16
 
 
 def test_eval_routing_is_deterministic_and_uses_eval_capacity(backend):
@@ -296,3 +311,43 @@ def test_deepspeed_ep_size_must_divide_world_size(ds_group):
     with pytest.raises(ValueError, match=r"ep_size=2 does not divide the world size 1"):
         MoEBlock(HIDDEN, swiglu(), 4, backend="deepspeed", ep_size=2)
 
+
+
+class _Tiny(nn.Module):
+    def __init__(self, backend):
+        super().__init__()
+        self.proj = nn.Linear(HIDDEN, HIDDEN)
+        self.mlp = MoEBlock(HIDDEN, swiglu(), 4, backend=backend, capacity_factor=4.0)
+
+    def forward(self, x):
+        return self.mlp(self.proj(x)).pow(2).mean()
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_deepspeed_engine_trains_saves_and_reloads_the_block(ds_group, tmp_path, backend_name):
+    import deepspeed
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    model = _Tiny(backend_name)
+    groups = split_params_into_different_moe_groups_for_optimizer([{"params": list(model.parameters()),
+                                                                     "name": "all"}])
+    assert [group["name"] for group in groups] == ["all", "ep_size_1"]  # experts get their own group
+    optimizer = torch.optim.AdamW(groups, lr=0.1)
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    assert engine.has_moe_layers  # DeepSpeed recognises MoEBlock as its MoE layer, for either backend
+    x = tokens((8,))
+    before = model.mlp.deepspeed_moe.experts.deepspeed_experts[0].up_proj.weight.detach().clone()
+    engine.backward(engine(x))
+    engine.step()
+    assert not torch.equal(before, model.mlp.deepspeed_moe.experts.deepspeed_experts[0].up_proj.weight)
+
+    engine.save_checkpoint(str(tmp_path), tag="step1")
+    saved = sorted(p.name for p in (tmp_path / "step1").iterdir())
+    assert [f"layer_0_expert_{j}_mp_rank_00_model_states.pt" for j in range(4)] == saved[:4]
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()
+    engine.load_checkpoint(str(tmp_path), tag="step1")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.items())

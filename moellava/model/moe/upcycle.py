@@ -9,7 +9,6 @@ from torch import nn
 
 from .layer import EXPERT_KEY, MoEBlock
 from .settings import BACKENDS, check_train_modules, check_moe_settings
-from .utils import moe_blocks
 
 logger = logging.getLogger(__name__)
 
