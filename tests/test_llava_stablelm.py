@@ -1,0 +1,142 @@
+"""LlavaStablelmForCausalLM and MoELLaVAStablelmForCausalLM: registration, loading an official StableLM-2 folder
+(both config formats), upcycled MoE == dense, stage-3 save/load round trip, cached generation, and the field
+names of the published MoE-LLaVA-StableLM config."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from moellava.constants import IMAGE_TOKEN_INDEX as IMG
+from moellava.model.language_model.llava_stablelm import LlavaStablelmConfig, LlavaStablelmForCausalLM
+from moellava.model.language_model.llava_stablelm_moe import MoELLaVAStablelmConfig, MoELLaVAStablelmForCausalLM
+from moellava.model.language_model.stablelm import StableLmForCausalLM
+from moellava.model.moe import MoEBlock, build_moe_settings, moe_blocks
+
+import tiny_llava
+from test_backbone_stablelm import TINY, TINY_EPOCH, write_official_folder
+
+PROMPT = torch.tensor([[1, 5, 6, IMG, 7, 8, 9, 10]])
+
+
+@pytest.fixture(scope="module")
+def tower(tmp_path_factory):
+    return tiny_llava.build_tiny_clip_tower(tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("stablelm")
+    write_official_folder(folder, TINY, seed=3)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dense(backbone, tower):
+    model = LlavaStablelmForCausalLM.from_pretrained(backbone)
+    model.get_model().initialize_vision_modules(tiny_llava.tiny_model_args(tower))
+    return model.eval()
+
+
+def upcycle(dense_model, **moe_kwargs):
+    model = MoELLaVAStablelmForCausalLM(MoELLaVAStablelmConfig.from_dict(dense_model.config.to_dict()))
+    model.load_state_dict(dense_model.state_dict())
+    model.initialize_moe_modules(build_moe_settings(model.config.num_hidden_layers, **moe_kwargs))
+    return model.eval()
+
+
+def test_registration():
+    assert type(AutoConfig.for_model("llava_stablelm")) is LlavaStablelmConfig
+    assert type(AutoConfig.for_model("moe_llava_stablelm")) is MoELLaVAStablelmConfig
+    fields = {k: v for k, v in TINY.items() if k != "model_type"}
+    assert type(AutoModelForCausalLM.from_config(LlavaStablelmConfig(**fields))) is LlavaStablelmForCausalLM
+    assert type(AutoModelForCausalLM.from_config(MoELLaVAStablelmConfig(**fields))) is MoELLaVAStablelmForCausalLM
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("config_dict", [TINY, TINY_EPOCH], ids=["stablelm", "stablelm_epoch"])
+def test_llava_starts_from_the_official_backbone_folder(tmp_path, config_dict):
+    state = write_official_folder(tmp_path, config_dict, seed=3)
+    model, info = LlavaStablelmForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    assert model.config.model_type == "llava_stablelm"
+    assert model.config.layer_norm_eps == 1e-5 and model.config.partial_rotary_factor == 0.25
+    assert model.get_decoder_layers() is model.get_model().layers
+    backbone = StableLmForCausalLM(model.config).eval()
+    backbone.load_state_dict(state)
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    torch.testing.assert_close(model.eval()(ids).logits, backbone(ids).logits, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_upcycled_moe_gives_the_dense_logits(dense):
+    moe = upcycle(dense, num_experts=4, top_k_experts=2)
+    assert [block.layer_idx for block in moe_blocks(moe)] == [0]
+    pixels = tiny_llava.random_pixels(1)
+    expected = dense(PROMPT, images=pixels).logits
+    assert expected.shape == (1, PROMPT.shape[1] - 1 + 16, TINY["vocab_size"])
+    torch.testing.assert_close(moe(PROMPT, images=pixels).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_dense_and_stage3_checkpoints_round_trip(dense, tmp_path):
+    pixels = tiny_llava.random_pixels(1)
+    stage2 = tmp_path / "stage2"
+    dense.save_pretrained(stage2)
+    assert json.loads((stage2 / "config.json").read_text())["model_type"] == "llava_stablelm"
+    reloaded, info = AutoModelForCausalLM.from_pretrained(stage2, output_loading_info=True)
+    assert type(reloaded) is LlavaStablelmForCausalLM and info["missing_keys"] == []
+    torch.testing.assert_close(reloaded.eval()(PROMPT, images=pixels).logits, dense(PROMPT, images=pixels).logits,
+                               rtol=0, atol=0)
+
+    model = MoELLaVAStablelmForCausalLM.from_pretrained(stage2).eval()
+    model.initialize_moe_modules(build_moe_settings(2, num_experts=4, moe_mode="dense", top_k_experts=2,
+                                                    train_modules=["gate_proj", "up_proj", "down_proj", "wg"]))
+    tiny_llava.perturb_experts(model)  # experts and routers that differ, so the round trip is meaningful
+    before = model(PROMPT, images=pixels).logits
+    stage3 = tmp_path / "stage3"
+    model.save_pretrained(stage3)
+    config = json.loads((stage3 / "config.json").read_text())
+    assert config["model_type"] == "moe_llava_stablelm" and config["moe"]["moe_layers_idx"] == [0, 1]
+    loaded, info = AutoModelForCausalLM.from_pretrained(stage3, output_loading_info=True)
+    assert type(loaded) is MoELLaVAStablelmForCausalLM
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    assert all(isinstance(layer.mlp, MoEBlock) for layer in loaded.get_decoder_layers())
+    torch.testing.assert_close(loaded.eval()(PROMPT, images=pixels).logits, before, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_moe_generation_with_cache_equals_without(dense):
+    moe = upcycle(dense, num_experts=4, top_k_experts=2)
+    tiny_llava.perturb_experts(moe)
+    pixels = tiny_llava.random_pixels(1)
+    kwargs = dict(images=pixels, do_sample=False, max_new_tokens=8, min_new_tokens=8)
+    cached = moe.generate(PROMPT, use_cache=True, **kwargs)
+    assert cached.shape == (1, PROMPT.shape[1] + 8)
+    assert torch.equal(cached, moe.generate(PROMPT, use_cache=False, **kwargs))
+
+
+def test_published_moe_llava_stablelm_config_fields_load():
+    # Fields of LanguageBind/MoE-LLaVA-StableLM-1.6B-4e's config.json (stablelm_epoch names, the `moe` dict),
+    # sizes (and pad_token_id) shrunk; the tower fields are left out (they would name a hub tower).
+    fields = {
+        "architectures": ["MoELLaVAStablelmForCausalLM"], "bos_token_id": 100257, "eos_token_id": 100257,
+        "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 96,
+        "max_position_embeddings": 64, "model_type": "moe_llava_stablelm",
+        "moe": {"capacity_factor": 1.5, "ep_size": 1, "eval_capacity_factor": 2.0, "min_capacity": 0,
+                "moe_enable": True, "moe_layers_idx": [0], "moe_mode": "sparse", "num_experts": [4],
+                "router_aux_loss_coef": 0.01, "top_k_experts": 2,
+                "train_modules": ["gate_proj", "up_proj", "down_proj", "wg"], "use_residual": False},
+        "norm_eps": 1e-05, "num_attention_heads": 4, "num_heads": 4, "num_hidden_layers": 2,
+        "num_key_value_heads": 4, "pad_token_id": 3, "rope_pct": 0.25, "rope_theta": 10000,
+        "rotary_scaling_factor": 1.0, "tie_word_embeddings": False, "use_cache": True, "use_qkv_bias": True,
+        "vocab_size": 128,
+    }
+    config = AutoConfig.for_model(**fields)
+    assert type(config) is MoELLaVAStablelmConfig
+    assert (config.layer_norm_eps, config.partial_rotary_factor, config.num_attention_heads) == (1e-5, 0.25, 4)
+    model = AutoModelForCausalLM.from_config(config)
+    layers = model.get_decoder_layers()
+    assert isinstance(layers[0].mlp, MoEBlock) and not isinstance(layers[1].mlp, MoEBlock)
+    assert layers[0].mlp.num_experts == 4
