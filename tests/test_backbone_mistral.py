@@ -164,6 +164,17 @@ def test_from_pretrained_loads_the_official_layout(tmp_path):
         assert torch.equal(loaded[name], tensor), name
 
 
+@torch.no_grad()
+def test_a_stored_rotary_buffer_is_ignored(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    state = official_state_dict(TINY)
+    state["model.layers.1.self_attn.rotary_emb.inv_freq"] = torch.rand(8)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    model, info = MistralForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    assert "model.layers.1.self_attn.rotary_emb.inv_freq" not in model.state_dict()
+
+
 def test_save_pretrained_round_trip(tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path)

@@ -279,6 +279,16 @@ def test_from_pretrained_loads_the_official_layout(tmp_path, config_dict, model_
     torch.testing.assert_close(model(ids).logits, other(ids).logits, rtol=0, atol=0)
 
 
+@torch.no_grad()
+def test_a_stored_rotary_buffer_is_ignored(tmp_path):
+    state = write_official_folder(tmp_path, TINY)
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.rand(2)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    model, info = StableLmForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    assert "model.layers.0.self_attn.rotary_emb.inv_freq" not in model.state_dict()
+
+
 def test_save_pretrained_round_trip(tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path)

@@ -121,6 +121,8 @@ class MistralPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["MistralDecoderLayer"]
     _skip_keys_device_placement = "past_key_values"
+    # Some exports store the rotary inverse frequencies; they follow from the config and are computed here.
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
 
     def _init_weights(self, module):
         std = self.config.initializer_range
