@@ -1,13 +1,13 @@
 """load_pretrained_model (dispatch on model_type, dtypes, Stage-1 projector over a base, missing weights,
 embeddings never shrunk) and the CLI (one --query in a subprocess, history without doubled end tokens)."""
 
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import CLIPImageProcessor, CLIPVisionModel, GenerationConfig, LlamaTokenizer
 
@@ -135,8 +135,6 @@ def test_conv_mode_comes_from_the_checkpoint(dirs):
 def test_history_keeps_one_end_token_per_answer(dirs, tmp_path):
     tokenizer, model, processor, _ = load_pretrained_model(dirs["dense"])
     image = tiny_llava.write_test_image(tmp_path / "cat.png")
-    from PIL import Image
-
     session = ChatSession(tokenizer, model, processor, Image.open(image).convert("RGB"), get_conv_template("v1"),
                           temperature=0, max_new_tokens=4)
     # Make the answer end with </s> like a trained model's, so the stored reply is what the fix is about.
@@ -163,8 +161,6 @@ def test_cli_query_answers_once(dirs, tmp_path):
         capture_output=True, text=True, env=env, timeout=300, cwd=REPO_ROOT,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-
-    from PIL import Image
 
     tokenizer, model, processor, _ = load_pretrained_model(dirs["moe"])
     session = ChatSession(tokenizer, model, processor, Image.open(image).convert("RGB"),

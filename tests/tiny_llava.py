@@ -150,7 +150,7 @@ def write_test_image(path: str, size: Tuple[int, int] = (40, 30), seed: int = 0)
     return str(path)
 
 
-def random_pixels(num_images: int, image_size: int = TINY_TOWER["image_size"], seed: Optional[int] = 0):
+def random_pixels(num_images: int, image_size: int = TINY_TOWER["image_size"], seed: int = 0) -> torch.Tensor:
     """Preprocessed-looking pixel values [N, 3, S, S]."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(num_images, 3, image_size, image_size, generator=generator)
