@@ -3,11 +3,23 @@ with AutoConfig and AutoModelForCausalLM."""
 
 from moellava.model.language_model.llava_llama import LlavaLlamaConfig, LlavaLlamaForCausalLM, LlavaLlamaModel
 from moellava.model.language_model.llava_llama_moe import MoELLaVALlamaConfig, MoELLaVALlamaForCausalLM
+from moellava.model.language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
+from moellava.model.language_model.llava_mistral_moe import MoELLaVAMistralConfig, MoELLaVAMistralForCausalLM
+from moellava.model.language_model.llava_stablelm import LlavaStablelmConfig, LlavaStablelmForCausalLM
+from moellava.model.language_model.llava_stablelm_moe import MoELLaVAStablelmConfig, MoELLaVAStablelmForCausalLM
 
 __all__ = [
     "LlavaLlamaConfig",
     "LlavaLlamaForCausalLM",
     "LlavaLlamaModel",
+    "LlavaMistralConfig",
+    "LlavaMistralForCausalLM",
+    "LlavaStablelmConfig",
+    "LlavaStablelmForCausalLM",
     "MoELLaVALlamaConfig",
     "MoELLaVALlamaForCausalLM",
+    "MoELLaVAMistralConfig",
+    "MoELLaVAMistralForCausalLM",
+    "MoELLaVAStablelmConfig",
+    "MoELLaVAStablelmForCausalLM",
 ]
