@@ -1,6 +1,7 @@
 """load_pretrained_model (dispatch on model_type, dtypes, Stage-1 projector over a base, missing weights,
 embeddings never shrunk) and the CLI (one --query in a subprocess, history without doubled end tokens)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -103,6 +104,19 @@ def test_missing_tower_weights_come_from_the_tower_other_gaps_fail(dirs, tmp_pat
     del without_tower["model.layers.1.mlp.up_proj.weight"]
     save_file(without_tower, str(path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"lacks weights for \['model.layers.1.mlp.up_proj.weight'\]"):
+        load_pretrained_model(str(path))
+
+
+# transformers 4.31 reports unexpected keys through the deprecated Logger.warn.
+@pytest.mark.filterwarnings("ignore:The 'warn' method is deprecated:DeprecationWarning")
+def test_weights_without_a_place_in_the_model_fail(dirs, tmp_path):
+    """A MoE checkpoint whose config lost its `moe` settings must not load as a dense model."""
+    path = tmp_path / "moe-without-settings"
+    tiny_llava.build_tiny_llava_llama(path, dirs["tokenizer"], dirs["tower"], moe=dict(num_experts=2))
+    config = json.loads((path / "config.json").read_text())
+    del config["moe"]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"holds weights this model has no place for: \['model.layers.0.mlp.deepspeed_moe"):
         load_pretrained_model(str(path))
 
 

@@ -77,6 +77,13 @@ def load_pretrained_model(
     model, info = AutoModelForCausalLM.from_pretrained(
         weights_path, config=config, torch_dtype=dtype, output_loading_info=True
     )
+    if info["unexpected_keys"]:
+        unexpected = sorted(info["unexpected_keys"])
+        raise ValueError(
+            f"{weights_path} holds weights this model has no place for: {unexpected[:10]}"
+            f"{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)} tensors): its config.json does not "
+            "describe the checkpoint (e.g. a MoE checkpoint without its `moe` settings). Re-save it from training."
+        )
     _complete_missing_weights(model, info["missing_keys"], projector_file, weights_path)
 
     tokenizer = load_tokenizer(tokenizer_path, family=family_for_model_type(model_type), padding_side=padding_side)
