@@ -182,6 +182,13 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
             f"--ep_size {model_args.ep_size} needs the DeepSpeed engine (expert-parallel groups and all-to-all): "
             "launch with `deepspeed` and pass --deepspeed scripts/zero2.json."
         )
+    if model_args.ep_size > 1 and model_args.drop_tokens:
+        raise ValueError(
+            f"--ep_size {model_args.ep_size} with --drop_tokens True: DeepSpeed-MoE sizes each expert's buffer from "
+            "the rank's own token count, so ranks whose batches differ in length (as LLaVA batches do) exchange "
+            "buffers of different sizes and the all-to-all fails. Leave --drop_tokens unset (expert parallelism "
+            "then routes without dropping) or use --ep_size 1."
+        )
     if model_args.moe_backend == "deepspeed" and not training_args.deepspeed:
         raise ValueError(
             "--moe_backend deepspeed needs the DeepSpeed engine: pass --deepspeed scripts/zero2.json, or use "

@@ -261,7 +261,7 @@ class LazySupervisedDataset(Dataset):
                 raise BadSampleError(
                     ref, MISSING_IMAGE, f"image {self._image_path(image)!r} does not exist (check --image_folder)"
                 )
-        words = sum(len(turn["value"].split()) for turn in conversations)
+        words = sum(len(turn["value"].replace(DEFAULT_IMAGE_TOKEN, " ").split()) for turn in conversations)
         return _Sample(ref, images, conversations, max(words, 1) + len(images) * self.tokens_per_image)
 
     def _image_path(self, image: str) -> str:

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import RandomSampler, Sampler
 from transformers import Trainer
+from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from moellava.train.dataset import SkipReport
@@ -159,6 +160,10 @@ class LLaVATrainer(Trainer):
     def __init__(self, *args, skip_report: Optional[SkipReport] = None,
                  projector_only_keys: Optional[Sequence[str]] = None, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.is_deepspeed_enabled:
+            # DeepSpeed accumulates gradients itself; accelerate's `no_sync` between micro-batches (which
+            # transformers 4.31 enters for gradient accumulation) is refused by ZeRO-2.
+            self.accelerator.gradient_state.plugin_kwargs["sync_each_batch"] = True
         self.skip_report = skip_report
         self.projector_only_keys = tuple(projector_only_keys) if projector_only_keys else None
         self._loss_sums: Dict[str, torch.Tensor] = {}
@@ -237,8 +242,10 @@ class LLaVATrainer(Trainer):
         if self._expert_parallel():
             from moellava.model.moe import expert_parallel_state_dict
 
-            # Collective: every rank contributes its experts; rank 0 writes the single-process layout.
-            state_dict = expert_parallel_state_dict(self.model)
+            # Collective: every rank contributes its experts; rank 0 writes the single-process layout. The
+            # copies own their storage: ZeRO's flat buffers would look like shared (tied) tensors to
+            # save_pretrained, which then drops them.
+            state_dict = {k: v.detach().cpu().clone() for k, v in expert_parallel_state_dict(self.model).items()}
             if self.args.should_save:
                 self._save(output_dir or self.args.output_dir, state_dict=state_dict)
             return
@@ -257,10 +264,18 @@ class LLaVATrainer(Trainer):
         self.model.config.save_pretrained(output_dir)
         logger.info("Saved the projector (%d tensors) to %s", len(projector), output_dir)
 
+    def _hf_scheduler_under_deepspeed(self) -> bool:
+        """With DeepSpeed and the Trainer's own LR scheduler (no "scheduler" in the DeepSpeed config), neither
+        DeepSpeed's checkpoint nor transformers 4.31 saves the scheduler state (accelerate only hands
+        DeepSpeed its own scheduler types): we do, or a resumed run would restart the schedule."""
+        return self.is_deepspeed_enabled and "scheduler" not in self.args.hf_deepspeed_config.config
+
     def _save_checkpoint(self, model, trial, metrics=None):
         super()._save_checkpoint(model, trial, metrics=metrics)
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self._hf_scheduler_under_deepspeed() and self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(folder, SCHEDULER_NAME))
         if self.skip_report is not None:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             self.save_skip_report(folder)
 
     def save_skip_report(self, folder: str) -> None:
@@ -297,6 +312,17 @@ class LLaVATrainer(Trainer):
         if result.unexpected_keys:
             raise ValueError(f"{path} does not fit this model: unexpected keys {result.unexpected_keys}.")
         logger.info("Resumed the projector from %s", path)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self._hf_scheduler_under_deepspeed():
+            path = os.path.join(checkpoint, SCHEDULER_NAME)
+            if not os.path.isfile(path):
+                raise ValueError(
+                    f"{checkpoint} has no {SCHEDULER_NAME}, so the learning-rate schedule cannot resume. It was not "
+                    "written by this trainer: remove it or pass --overwrite_output_dir True to start afresh."
+                )
+            self.lr_scheduler.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     def _load_rng_state(self, checkpoint):
         # Our own rng_state.pth files hold numpy's RNG state next to tensors; allow exactly those types.

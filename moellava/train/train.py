@@ -50,6 +50,18 @@ def resolve_moe_backend(requested: str, training_args: TrainingArguments) -> str
     return "deepspeed" if training_args.deepspeed and training_args.world_size > 1 else "native"
 
 
+def resolve_drop_tokens(model_args: ModelArguments, saved: Optional[bool] = None) -> Optional[bool]:
+    """`--drop_tokens`, else dropless under expert parallelism, else the checkpoint's (or the backend's) default.
+
+    With ep_size > 1, ranks hold batches of different lengths; DeepSpeed-MoE agrees on the all-to-all buffer
+    sizes only when it does not drop (it then all-reduces the capacity)."""
+    if model_args.drop_tokens is not None:
+        return model_args.drop_tokens
+    if model_args.ep_size > 1:
+        return False
+    return saved
+
+
 def model_class_for(model_type: str, moe: bool):
     """The LLaVA causal-LM class for a checkpoint's `model_type` (a backbone such as "llama", or a
     "llava_<family>" / "moe_llava_<family>" checkpoint); dispatch is on the type, never the folder name."""
@@ -76,7 +88,8 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments):
     if already_moe:
         # The expert layout is a property of this run (processes, --ep_size), not of the checkpoint.
         config.moe = {**config.moe, "backend": resolve_moe_backend(model_args.moe_backend, training_args),
-                      "ep_size": model_args.ep_size}
+                      "ep_size": model_args.ep_size,
+                      "drop_tokens": resolve_drop_tokens(model_args, config.moe.get("drop_tokens"))}
     # DeepSpeed casts the model to its precision anyway; without it the Trainer keeps fp32 master weights.
     dtype = torch.float32
     if training_args.deepspeed and (training_args.bf16 or training_args.fp16):
@@ -106,7 +119,7 @@ def upcycle(model, model_args: ModelArguments, training_args: TrainingArguments,
             ep_size=model_args.ep_size,
             train_modules=train_modules,
             backend=resolve_moe_backend(model_args.moe_backend, training_args),
-            drop_tokens=model_args.drop_tokens,
+            drop_tokens=resolve_drop_tokens(model_args),
         )
         model.initialize_moe_modules(settings)
     else:

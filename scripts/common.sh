@@ -1,0 +1,89 @@
+# Sourced by train_stage{1,2,3}.sh: the launcher and the flags every stage shares (MoE-LLaVA's recipe).
+# Every value can be overridden from the environment, e.g. `NUM_GPUS=4 BATCH=16 bash scripts/train_stage2.sh`.
+#
+#   LAUNCHER          deepspeed (default), torchrun, or python (one process, no launcher)
+#   NUM_GPUS          processes on this machine (default: deepspeed/torchrun use every visible GPU; 1 for torchrun)
+#   MASTER_PORT       rendezvous port (default 29500)
+#   DEEPSPEED_CONFIG  ZeRO config (default scripts/zero2.json; empty to train without DeepSpeed)
+#   IMAGE_TOWER PROJECTOR SELECT_LAYER   vision tower, projector type, tower layer fed to the projector
+#   BF16 TF32 GRAD_CKPT                  True/False (CPU runs need BF16=False TF32=False)
+#   EPOCHS MAX_STEPS MAX_LEN WARMUP LOG_STEPS SAVE_STEPS SAVE_TOTAL WORKERS REPORT_TO CACHE_DIR SEED
+#   EXTRA_ARGS        appended verbatim to the train.py arguments (word-split)
+
+REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+LAUNCHER="${LAUNCHER:-deepspeed}"
+DEEPSPEED_CONFIG="${DEEPSPEED_CONFIG-$REPO_DIR/scripts/zero2.json}"
+IMAGE_TOWER="${IMAGE_TOWER:-openai/clip-vit-large-patch14-336}"
+PROJECTOR="${PROJECTOR:-mlp2x_gelu}"
+SELECT_LAYER="${SELECT_LAYER:--2}"
+BF16="${BF16:-True}"
+TF32="${TF32:-True}"
+GRAD_CKPT="${GRAD_CKPT:-True}"
+EPOCHS="${EPOCHS:-1}"
+MAX_STEPS="${MAX_STEPS:--1}"
+MAX_LEN="${MAX_LEN:-2048}"
+WARMUP="${WARMUP:-0.03}"
+LOG_STEPS="${LOG_STEPS:-1}"
+SAVE_TOTAL="${SAVE_TOTAL:-1}"
+REPORT_TO="${REPORT_TO:-none}"
+CACHE_DIR="${CACHE_DIR:-./cache_dir}"
+SEED="${SEED:-42}"
+
+# The flags of every stage; the stage scripts add theirs.
+COMMON_ARGS=(
+    --image_tower "$IMAGE_TOWER"
+    --image_projector_type "$PROJECTOR"
+    --mm_vision_select_layer "$SELECT_LAYER"
+    --mm_use_im_start_end False
+    --mm_use_im_patch_token False
+    --bf16 "$BF16"
+    --tf32 "$TF32"
+    --num_train_epochs "$EPOCHS"
+    --max_steps "$MAX_STEPS"
+    --per_device_eval_batch_size 4
+    --evaluation_strategy no
+    --save_strategy steps
+    --save_total_limit "$SAVE_TOTAL"
+    --weight_decay 0.
+    --warmup_ratio "$WARMUP"
+    --lr_scheduler_type cosine
+    --logging_steps "$LOG_STEPS"
+    --model_max_length "$MAX_LEN"
+    --gradient_checkpointing "$GRAD_CKPT"
+    --report_to "$REPORT_TO"
+    --cache_dir "$CACHE_DIR"
+    --seed "$SEED"
+)
+if [[ -n "$DEEPSPEED_CONFIG" ]]; then
+    COMMON_ARGS+=(--deepspeed "$DEEPSPEED_CONFIG")
+fi
+
+# launch ARGS...: print the command, then replace this shell with it.
+launch() {
+    local cmd
+    case "$LAUNCHER" in
+        deepspeed)
+            cmd=(deepspeed)
+            [[ -n "${NUM_GPUS:-}" ]] && cmd+=(--num_gpus "$NUM_GPUS")
+            cmd+=(--master_port "${MASTER_PORT:-29500}" "$REPO_DIR/moellava/train/train.py")
+            ;;
+        torchrun)
+            cmd=(torchrun --nproc_per_node "${NUM_GPUS:-1}" --master_port "${MASTER_PORT:-29500}"
+                 "$REPO_DIR/moellava/train/train.py")
+            ;;
+        python)
+            cmd=(python "$REPO_DIR/moellava/train/train.py")
+            ;;
+        *)
+            echo "LAUNCHER=$LAUNCHER is not supported: use deepspeed, torchrun or python." >&2
+            exit 2
+            ;;
+    esac
+    # EXTRA_ARGS is split into words on purpose.
+    # shellcheck disable=SC2206
+    cmd+=("$@" ${EXTRA_ARGS:-})
+    printf '+'
+    printf ' %q' "${cmd[@]}"
+    printf '\n'
+    exec "${cmd[@]}"
+}
