@@ -1,6 +1,7 @@
 """load_pretrained_model (dispatch on model_type, dtypes, Stage-1 projector over a base, missing weights,
 embeddings never shrunk) and the CLI (one --query in a subprocess, history without doubled end tokens)."""
 
+import io
 import json
 import os
 import subprocess
@@ -181,3 +182,23 @@ def test_cli_query_answers_once(dirs, tmp_path):
                           get_conv_template(default_conv_mode(model.config)), temperature=0, max_new_tokens=6)
     expected = session.ask("What is in the image?")
     assert expected and run.stdout == expected + "\n"
+
+
+def test_cli_interactive_streams_each_answer_and_keeps_history(dirs, tmp_path, monkeypatch, capsys):
+    from moellava.serve import cli
+
+    image = tiny_llava.write_test_image(tmp_path / "photo.png")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is in the image?\n\nAnd its color?\n"))
+    cli.main(["--model-path", dirs["dense"], "--image-file", image, "--temperature", "0", "--max-new-tokens", "5",
+              "--device", "cpu"])
+    out = capsys.readouterr().out
+
+    tokenizer, model, processor, _ = load_pretrained_model(dirs["dense"])
+    session = ChatSession(tokenizer, model, processor, Image.open(image).convert("RGB"), get_conv_template("v1"),
+                          temperature=0, max_new_tokens=5)
+    first, second = session.ask("What is in the image?"), session.ask("And its color?")
+    # Prompt, streamed answer, prompt answered by an empty line (asked again), streamed answer, prompt, EOF.
+    turns = out.split("USER: ")
+    assert len(turns) == 5 and turns[0] == turns[2] == "" and turns[4] == "\n"
+    assert turns[1].startswith("ASSISTANT: ") and first in turns[1]
+    assert turns[3].startswith("ASSISTANT: ") and second in turns[3]
