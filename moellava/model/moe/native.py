@@ -13,7 +13,7 @@ from .routing import Routing, expert_capacity, route_tokens
 
 
 class NativeMoELayer(nn.Module):
-    """Route tokens, run each expert once on the tokens routed to it, scatter-add the weighted results.
+    """Route tokens, run each expert once on the tokens routed to it, combine the gate-weighted results.
 
     After a forward, `l_aux`, `exp_counts` and `dropped_fraction` hold that forward's aux loss (with
     grad), tokens per expert and fraction of dropped token-choices, mirroring DeepSpeed's `MOELayer`.
@@ -64,26 +64,49 @@ class NativeMoELayer(nn.Module):
 
 
 def dispatch(tokens: torch.Tensor, routing: Routing, experts: nn.ModuleList) -> torch.Tensor:
-    """Sum over each token's kept choices of gate * expert(token), accumulated in fp32 like DeepSpeed."""
-    num_tokens, top_k = routing.expert_index.shape
-    flat_expert = routing.expert_index.reshape(-1)
-    flat_token = torch.arange(num_tokens, device=tokens.device).repeat_interleave(top_k)
-    flat_gate = routing.gate.reshape(-1)
+    """Sum over each token's kept choices of gate * expert(token), accumulated in fp32 like DeepSpeed.
 
-    # Kept choices grouped by expert; a stable sort keeps token order inside each group.
-    chosen = routing.kept.reshape(-1).nonzero().squeeze(1)
-    chosen = chosen[torch.argsort(flat_expert[chosen], stable=True)]
-    counts = torch.bincount(flat_expert[chosen], minlength=len(experts)).tolist()
-    token_ids = flat_token[chosen]
-    inputs = tokens.index_select(0, token_ids)
+    The S * k (token, choice) routes are permuted so each expert's kept routes are contiguous (stable:
+    token order inside an expert), dropped routes last; each expert runs once on its block; the results
+    are permuted back and combined per token. Both permutations backpropagate as gathers.
+    """
+    num_tokens, top_k = routing.expert_index.shape
+    num_experts = len(experts)
+    # Sort key: the expert for a kept route, num_experts (after every expert) for a dropped one.
+    key = torch.where(routing.kept, routing.expert_index, num_experts).reshape(-1)
+    order = torch.argsort(key, stable=True)
+    inverse = torch.argsort(order)
+    counts = torch.bincount(key, minlength=num_experts + 1).tolist()
+    routed = _GatherRows.apply(tokens, order, inverse, top_k)
 
     # Every expert runs, even on zero tokens, so each expert parameter is in the graph on every step
     # (gradient reduction across data-parallel ranks expects the same parameters to get gradients).
     outputs = []
-    for expert, chunk in zip(experts, inputs.split(counts)):
+    for expert, chunk in zip(experts, routed.split(counts)):
         out = expert(chunk)
         outputs.append(out[0] if isinstance(out, tuple) else out)
-    weighted = torch.cat(outputs).float() * flat_gate[chosen].unsqueeze(1)
-    combined = torch.zeros(num_tokens, weighted.shape[1], dtype=torch.float32, device=tokens.device)
-    combined.index_add_(0, token_ids, weighted)
-    return combined.to(tokens.dtype)
+    hidden = outputs[0].shape[-1]
+    outputs.append(outputs[0].new_zeros(counts[num_experts], hidden))  # dropped routes contribute 0
+    per_route = _GatherRows.apply(torch.cat(outputs), inverse, order, 1)
+    weighted = per_route.view(num_tokens, top_k, hidden).float() * routing.gate.unsqueeze(-1)
+    return weighted.sum(dim=1).to(tokens.dtype)
+
+
+class _GatherRows(torch.autograd.Function):
+    """`rows[index // group]` for a permutation `index` of n * group entries, `inverse` its inverse.
+
+    The backward gathers through `inverse` and sums each source row's `group` copies, instead of the
+    scatter-add autograd would use for an index_select (several times slower on CPU).
+    """
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, group: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.group = group
+        return rows.index_select(0, torch.div(index, group, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        grad = grad.index_select(0, inverse)
+        return grad.view(-1, ctx.group, grad.shape[-1]).sum(dim=1), None, None, None
