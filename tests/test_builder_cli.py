@@ -166,6 +166,12 @@ def test_history_keeps_one_end_token_per_answer(dirs, tmp_path):
     assert f"ASSISTANT: {reply}</s>USER: And its color? ASSISTANT:" in second_prompt
     assert second_prompt.count("<image>") == 1
 
+    # A template that starts with canned example turns (v0) still puts the image in the user's first turn.
+    with_examples = ChatSession(tokenizer, model, processor, Image.open(image).convert("RGB"),
+                                get_conv_template("v0"), temperature=0, max_new_tokens=2)
+    with_examples.ask("What is in the image?")
+    assert with_examples.conv.messages[2] == ["Human", "<image>\nWhat is in the image?"]
+
 
 def test_cli_query_answers_once(dirs, tmp_path):
     image = tiny_llava.write_test_image(tmp_path / "photo.png")

@@ -55,10 +55,12 @@ class ChatSession:
             self.image_prefix = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN + "\n"
         else:
             self.image_prefix = DEFAULT_IMAGE_TOKEN + "\n"
+        self.image_placed = False
 
     def ask(self, message: str, streamer: Optional[TextStreamer] = None) -> str:
-        if not self.conv.messages:
+        if not self.image_placed:
             message = self.image_prefix + message  # the image belongs to the first user turn
+            self.image_placed = True
         self.conv.append_message(self.conv.roles[0], message)
         self.conv.append_message(self.conv.roles[1], None)
         prompt = self.conv.get_prompt()

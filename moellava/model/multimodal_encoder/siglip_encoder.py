@@ -205,8 +205,7 @@ class SiglipVisionModel(SiglipPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.vision_model.embeddings.patch_embedding
 
-    def forward(self, pixel_values: torch.Tensor, output_hidden_states: Optional[bool] = None,
-                return_dict: Optional[bool] = None) -> BaseModelOutput:
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: Optional[bool] = None) -> BaseModelOutput:
         return self.vision_model(pixel_values, output_hidden_states=bool(output_hidden_states))
 
 
