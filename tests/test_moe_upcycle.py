@@ -214,6 +214,13 @@ def test_published_settings_without_backend_convert_to_native():
     assert [(b.backend, b.num_experts, b.drop_tokens) for b in moe_blocks(model)] == [("native", 4, False)] * 2
 
 
+
+def test_expert_parallel_settings_load_on_one_device_with_the_native_backend():
+    moe = build_moe_settings(4, num_experts=4, ep_size=2, backend="deepspeed")
+    model = tiny_llama()
+    convert_layers_to_moe(model.model.layers, moe, HIDDEN, backend="native", upcycle=False)
+    assert [(b.backend, b.ep_size, b.num_local_experts) for b in moe_blocks(model)] == [("native", 1, 4)] * 2
+
 # ---------------------------------------------------------------- aux loss and stats
 
 
