@@ -5,6 +5,10 @@ from moellava.model.language_model.llava_llama import LlavaLlamaConfig, LlavaLla
 from moellava.model.language_model.llava_llama_moe import MoELLaVALlamaConfig, MoELLaVALlamaForCausalLM
 from moellava.model.language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
 from moellava.model.language_model.llava_mistral_moe import MoELLaVAMistralConfig, MoELLaVAMistralForCausalLM
+from moellava.model.language_model.llava_phi import LlavaPhiConfig, LlavaPhiForCausalLM
+from moellava.model.language_model.llava_phi_moe import MoELLaVAPhiConfig, MoELLaVAPhiForCausalLM
+from moellava.model.language_model.llava_qwen import LlavaQWenConfig, LlavaQWenForCausalLM
+from moellava.model.language_model.llava_qwen_moe import MoELLaVAQWenConfig, MoELLaVAQWenForCausalLM
 from moellava.model.language_model.llava_stablelm import LlavaStablelmConfig, LlavaStablelmForCausalLM
 from moellava.model.language_model.llava_stablelm_moe import MoELLaVAStablelmConfig, MoELLaVAStablelmForCausalLM
 
@@ -14,12 +18,20 @@ __all__ = [
     "LlavaLlamaModel",
     "LlavaMistralConfig",
     "LlavaMistralForCausalLM",
+    "LlavaPhiConfig",
+    "LlavaPhiForCausalLM",
+    "LlavaQWenConfig",
+    "LlavaQWenForCausalLM",
     "LlavaStablelmConfig",
     "LlavaStablelmForCausalLM",
     "MoELLaVALlamaConfig",
     "MoELLaVALlamaForCausalLM",
     "MoELLaVAMistralConfig",
     "MoELLaVAMistralForCausalLM",
+    "MoELLaVAPhiConfig",
+    "MoELLaVAPhiForCausalLM",
+    "MoELLaVAQWenConfig",
+    "MoELLaVAQWenForCausalLM",
     "MoELLaVAStablelmConfig",
     "MoELLaVAStablelmForCausalLM",
 ]
