@@ -177,3 +177,17 @@ def test_load_tokenizer_options_and_override(toy_tokenizer_dir, tmp_path):
     # Wrong family for the tokenizer: the rules cannot be applied, and the error says so.
     with pytest.raises(ValueError, match=r"'<\|reg0\|>' is not a token of QWenTokenizer"):
         load_tokenizer(toy_tokenizer_dir("qwen"), family="stablelm")
+
+
+@pytest.mark.parametrize("source", ["toy", "real"])
+def test_phi_tokenizer_saved_after_the_rules_reloads_with_the_same_ids(source, toy_tokenizer_dir, real_tokenizer_dir, tmp_path):
+    # transformers 4.31 never re-adds a token equal to the unk token: a checkpoint's tokenizer folder (unk =
+    # the added <|extra_0|>) must still reload with <|extra_0|> at its saved id.
+    folder = toy_tokenizer_dir("phi") if source == "toy" else real_tokenizer_dir("phi2")
+    tokenizer = load_tokenizer(folder)
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = load_tokenizer(tmp_path)
+    assert len(reloaded) == len(tokenizer)
+    assert reloaded.unk_token == reloaded.pad_token == "<|extra_0|>"
+    assert reloaded.unk_token_id == tokenizer.unk_token_id
+    assert reloaded("a<|extra_0|>b<|endoftext|>").input_ids == tokenizer("a<|extra_0|>b<|endoftext|>").input_ids

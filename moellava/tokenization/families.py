@@ -203,7 +203,27 @@ def load_tokenizer(
     kwargs = {"use_fast": False, "padding_side": padding_side, "cache_dir": cache_dir}
     if model_max_length is not None:
         kwargs["model_max_length"] = model_max_length
+    kwargs.update(_reload_safe_unk(path, family))
     tokenizer = AutoTokenizer.from_pretrained(os.fspath(path), **kwargs)
     if family is None:
         family = detect_family(path, tokenizer)
     return apply_family_rules(tokenizer, family)
+
+
+def _reload_safe_unk(path: Union[str, os.PathLike], family: Optional[str]) -> Dict[str, str]:
+    """Loading kwargs that keep an added unk token (phi's `<|extra_0|>`) in a folder saved after the rules.
+
+    transformers 4.31's slow tokenizers never add a token equal to their unk token, so such a folder would
+    reload without it (and every later added token would shift by one id). Loading with unk = eos restores
+    the added tokens at their saved ids; the family rules then make `<|extra_0|>` the unk again.
+    """
+    if family is None:
+        try:
+            family = detect_family(path)
+        except ValueError:
+            return {}
+    if "unk_token" not in get_family(family).add_special_tokens:
+        return {}
+    eos = _read_json_field(os.path.join(os.fspath(path), "tokenizer_config.json"), "eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    return {"unk_token": eos} if eos else {}
