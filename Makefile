@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Constraints apply to build environments too (deepspeed builds from source against torch).
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+# DeepSpeed compiles a CPU op on first use; keep that build with this environment's torch.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: install test demo clean
 

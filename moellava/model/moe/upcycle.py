@@ -106,6 +106,8 @@ def freeze_for_moe_training(model: nn.Module, train_modules: Sequence[str]) -> L
     Matching is by substring, as in the original, which froze the dense model before copying its FFN
     into experts: an expert parameter also matches through its dense name (without
     `deepspeed_moe.experts.deepspeed_experts.{j}.`), so published settings such as Qwen's `"mlp.w1"` work.
+    Modules that never train are the caller's to freeze afterwards: Phi's `fc1` also names the vision
+    tower's MLP, which `moellava.train.train.set_trainable` freezes again.
     Returns the trainable parameter names. Raises ValueError when no expert parameter would train (the
     original then failed inside DeepSpeed with "None of the param groups are marked as MoE").
     """
