@@ -165,36 +165,31 @@ conv_phi = _two_sep("phi", "<|endoftext|>")
 conv_qwen = _two_sep("qwen", "<|endoftext|>")
 conv_stablelm = _two_sep("stablelm", "<|endoftext|>")
 
-conv_llama_2 = Conversation(
-    system=(
-        "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while "
-        "being safe.  Your answers should not include any harmful, unethical, racist, sexist, toxic, "
-        "dangerous, or illegal content. Please ensure that your responses are socially unbiased and positive "
-        "in nature.\n\nIf a question does not make any sense, or is not factually coherent, explain why "
-        "instead of answering something not correct. If you don't know the answer to a question, please "
-        "don't share false information."
-    ),
-    roles=("USER", "ASSISTANT"),
-    messages=[],
-    offset=0,
-    sep_style=SeparatorStyle.LLAMA_2,
-    sep="<s>",
-    sep2="</s>",
-    version="llama_v2",
-)
+def _llama_2(system: str) -> Conversation:
+    """Llama-2 chat: `[INST] <<SYS>>...<</SYS>> question [/INST] answer </s><s>[INST] ...`."""
+    return Conversation(
+        system=system,
+        roles=("USER", "ASSISTANT"),
+        messages=[],
+        offset=0,
+        sep_style=SeparatorStyle.LLAMA_2,
+        sep="<s>",
+        sep2="</s>",
+        version="llama_v2",
+    )
 
-conv_llava_llama_2 = Conversation(
-    system=(
-        "You are a helpful language and vision assistant. You are able to understand the visual content that "
-        "the user provides, and assist the user with a variety of tasks using natural language."
-    ),
-    roles=("USER", "ASSISTANT"),
-    messages=[],
-    offset=0,
-    sep_style=SeparatorStyle.LLAMA_2,
-    sep="<s>",
-    sep2="</s>",
-    version="llama_v2",
+
+conv_llama_2 = _llama_2(
+    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while "
+    "being safe.  Your answers should not include any harmful, unethical, racist, sexist, toxic, "
+    "dangerous, or illegal content. Please ensure that your responses are socially unbiased and positive "
+    "in nature.\n\nIf a question does not make any sense, or is not factually coherent, explain why "
+    "instead of answering something not correct. If you don't know the answer to a question, please "
+    "don't share false information."
+)
+conv_llava_llama_2 = _llama_2(
+    "You are a helpful language and vision assistant. You are able to understand the visual content that "
+    "the user provides, and assist the user with a variety of tasks using natural language."
 )
 
 conv_mpt = Conversation(
@@ -221,25 +216,21 @@ conv_llava_plain = Conversation(
     version="plain",
 )
 
-conv_llava_v0 = Conversation(
-    system=SYSTEM_HUMAN,
-    roles=("Human", "Assistant"),
-    messages=[],
-    offset=0,
-    sep_style=SeparatorStyle.SINGLE,
-    sep="###",
-)
+def _single_sep(system: str, version: str = "Unknown") -> Conversation:
+    """The `###`-separated Human/Assistant template of LLaVA v0."""
+    return Conversation(
+        system=system,
+        roles=("Human", "Assistant"),
+        messages=[],
+        offset=0,
+        sep_style=SeparatorStyle.SINGLE,
+        sep="###",
+        version=version,
+    )
 
-conv_llava_v0_mmtag = Conversation(
-    system=SYSTEM_MMTAG,
-    roles=("Human", "Assistant"),
-    messages=[],
-    offset=0,
-    sep_style=SeparatorStyle.SINGLE,
-    sep="###",
-    version="v0_mmtag",
-)
 
+conv_llava_v0 = _single_sep(SYSTEM_HUMAN)
+conv_llava_v0_mmtag = _single_sep(SYSTEM_MMTAG, "v0_mmtag")
 conv_llava_v1 = _two_sep("v1", "</s>", system=SYSTEM_HUMAN)
 conv_llava_v1_mmtag = _two_sep("v1_mmtag", "</s>", system=SYSTEM_MMTAG)
 
