@@ -1,6 +1,7 @@
 """LLaVA's multimodal glue, shared by every LLM family: the image tower and projector on the inner
-model (`LlavaMetaModel`), and on the causal LM (`LlavaMetaForCausalLM`) the splicing of image
-features into the token embeddings at each `<image>` placeholder (IMAGE_TOKEN_INDEX = -200)."""
+model (`LlavaMetaModel`), and on the causal LM (`LlavaMetaForCausalLM`) the forward and generation
+hooks that splice image features into the token embeddings at each `<image>` placeholder
+(IMAGE_TOKEN_INDEX = -200)."""
 
 import logging
 from abc import ABC, abstractmethod
@@ -8,7 +9,6 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
-from transformers import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from moellava.constants import (
@@ -127,16 +127,59 @@ class LlavaMetaModel:
         self.mm_projector.load_state_dict(weights, strict=True)
 
 
-class LlavaMetaForCausalLM(ABC, GenerationMixin):
-    """Mixin placed after the backbone causal LM: `LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM)`.
+class LlavaMetaForCausalLM(ABC):
+    """Mixin placed before the backbone causal LM: `LlavaLlamaForCausalLM(LlavaMetaForCausalLM, LlamaForCausalLM)`.
 
-    It derives from GenerationMixin so that, in that order, its `_update_model_kwargs_for_generation`
-    comes before the generic one in the method resolution order.
+    Its `forward` splices the images into the inputs and hands them to the backbone's forward; its
+    generation hooks pass `images` along and continue from the spliced attention mask.
     """
 
     @abstractmethod
     def get_model(self):
         """The inner model that carries the LlavaMetaModel mixin."""
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[List[torch.FloatTensor]] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        images: Optional[Images] = None,
+        return_dict: Optional[bool] = None,
+    ):
+        if inputs_embeds is None:
+            input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, labels = (
+                self.prepare_inputs_labels_for_multimodal(
+                    input_ids, position_ids, attention_mask, past_key_values, labels, images
+                )
+            )
+        outputs = super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        return self.llava_output(outputs, attention_mask if images is not None else None, return_dict)
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
+                                      inputs_embeds=None, images=None, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds, **kwargs
+        )
+        model_inputs["images"] = images
+        return model_inputs
 
     def get_image_tower(self) -> Optional[VisionTower]:
         return self.get_model().get_image_tower()

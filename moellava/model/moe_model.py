@@ -1,6 +1,6 @@
-"""What every MoE LLaVA family shares, so that `llava_<family>_moe.py` stays a few lines: building the MoE
-layers from `config.moe` (loading) or upcycling the dense FFNs (training, stage 3), the MoE backend
-choice, and the causal-LM output with the router auxiliary loss."""
+"""What every MoE LLaVA family shares, so that `llava_<family>_moe.py` stays a few lines: the `moe` config
+field, building the MoE layers from `config.moe` (loading) or upcycling the dense FFNs (training, stage 3),
+the MoE backend choice, and the causal-LM output with the router auxiliary loss."""
 
 from dataclasses import dataclass
 from typing import List, Optional
@@ -38,6 +38,14 @@ def set_moe_backend(config, backend: str) -> None:
     if not has_moe_layers(config):
         raise ValueError(f"config (model_type {config.model_type!r}) has no MoE layers to put on a backend.")
     config.moe = {**config.moe, "backend": backend}
+
+
+class MoELlavaConfigMixin:
+    """Placed first: `MoELLaVALlamaConfig(MoELlavaConfigMixin, LlavaLlamaConfig)`. Adds the `moe` field."""
+
+    def __init__(self, moe: Optional[dict] = None, **kwargs):
+        super().__init__(**kwargs)
+        self.moe = moe  # the `build_moe_settings` dict; None until the dense model is upcycled
 
 
 class MoELlavaMixin:

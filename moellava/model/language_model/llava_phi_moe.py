@@ -2,20 +2,14 @@
 (see moellava.model.moe_model); experts are named `model.layers.N.mlp.deepspeed_moe.experts.
 deepspeed_experts.J.{fc1,fc2}` as in the published MoE-LLaVA-Phi2 checkpoints."""
 
-from typing import Optional
-
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moellava.model.language_model.llava_phi import LlavaPhiConfig, LlavaPhiForCausalLM
-from moellava.model.moe_model import MoELlavaMixin
+from moellava.model.moe_model import MoELlavaConfigMixin, MoELlavaMixin
 
 
-class MoELLaVAPhiConfig(LlavaPhiConfig):
+class MoELLaVAPhiConfig(MoELlavaConfigMixin, LlavaPhiConfig):
     model_type = "moe_llava_phi"
-
-    def __init__(self, moe: Optional[dict] = None, **kwargs):
-        super().__init__(**kwargs)
-        self.moe = moe  # the `build_moe_settings` dict; None until the dense model is upcycled
 
 
 class MoELLaVAPhiForCausalLM(MoELlavaMixin, LlavaPhiForCausalLM):

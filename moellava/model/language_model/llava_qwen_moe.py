@@ -2,20 +2,14 @@
 (see moellava.model.moe_model); experts are named `transformer.h.N.mlp.deepspeed_moe.experts.
 deepspeed_experts.J.{w1,w2,c_proj}` as in the published MoE-LLaVA-Qwen checkpoints."""
 
-from typing import Optional
-
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moellava.model.language_model.llava_qwen import LlavaQWenConfig, LlavaQWenForCausalLM
-from moellava.model.moe_model import MoELlavaMixin
+from moellava.model.moe_model import MoELlavaConfigMixin, MoELlavaMixin
 
 
-class MoELLaVAQWenConfig(LlavaQWenConfig):
+class MoELLaVAQWenConfig(MoELlavaConfigMixin, LlavaQWenConfig):
     model_type = "moe_llava_qwen"
-
-    def __init__(self, moe: Optional[dict] = None, **kwargs):
-        super().__init__(**kwargs)
-        self.moe = moe  # the `build_moe_settings` dict; None until the dense model is upcycled
 
 
 class MoELLaVAQWenForCausalLM(MoELlavaMixin, LlavaQWenForCausalLM):

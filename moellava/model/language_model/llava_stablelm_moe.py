@@ -1,20 +1,14 @@
 """MoE-LLaVA on StableLM-2 (`model_type` "moe_llava_stablelm"): LLaVA-Stablelm whose chosen FFNs are sparse
 MoE blocks (see moellava.model.moe_model)."""
 
-from typing import Optional
-
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moellava.model.language_model.llava_stablelm import LlavaStablelmConfig, LlavaStablelmForCausalLM
-from moellava.model.moe_model import MoELlavaMixin
+from moellava.model.moe_model import MoELlavaConfigMixin, MoELlavaMixin
 
 
-class MoELLaVAStablelmConfig(LlavaStablelmConfig):
+class MoELLaVAStablelmConfig(MoELlavaConfigMixin, LlavaStablelmConfig):
     model_type = "moe_llava_stablelm"
-
-    def __init__(self, moe: Optional[dict] = None, **kwargs):
-        super().__init__(**kwargs)
-        self.moe = moe  # the `build_moe_settings` dict; None until the dense model is upcycled
 
 
 class MoELLaVAStablelmForCausalLM(MoELlavaMixin, LlavaStablelmForCausalLM):
