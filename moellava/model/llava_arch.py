@@ -34,6 +34,18 @@ class LlavaCausalLMOutputWithPast(CausalLMOutputWithPast):
     attention_mask: Optional[torch.Tensor] = None
 
 
+class LlavaConfigMixin:
+    """Placed first: `LlavaLlamaConfig(LlavaConfigMixin, LlamaConfig)`.
+
+    A backbone's config.json ("llama"), or a LLaVA one read by the MoE subclass, carries its own model_type;
+    kept, it would be an instance attribute hiding the class's until the config is saved and reloaded.
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.pop("model_type", None)
+        super().__init__(**kwargs)
+
+
 class LlavaMetaModel:
     """Mixin placed before the backbone model class: `LlavaLlamaModel(LlavaMetaModel, LlamaModel)`."""
 

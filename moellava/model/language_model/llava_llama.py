@@ -4,17 +4,11 @@ into its input embeddings."""
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaModel
 
-from moellava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
+from moellava.model.llava_arch import LlavaConfigMixin, LlavaMetaForCausalLM, LlavaMetaModel
 
 
-class LlavaLlamaConfig(LlamaConfig):
+class LlavaLlamaConfig(LlavaConfigMixin, LlamaConfig):
     model_type = "llava_llama"
-
-    def __init__(self, **kwargs):
-        # A backbone's config.json ("llama", or "llava_llama" read by the MoE subclass) would otherwise set
-        # an instance model_type that hides this class's until the config is saved and reloaded.
-        kwargs.pop("model_type", None)
-        super().__init__(**kwargs)
 
 
 class LlavaLlamaModel(LlavaMetaModel, LlamaModel):

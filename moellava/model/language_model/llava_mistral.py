@@ -5,17 +5,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moellava.model.language_model.mistral import MistralConfig, MistralForCausalLM, MistralModel
-from moellava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
+from moellava.model.llava_arch import LlavaConfigMixin, LlavaMetaForCausalLM, LlavaMetaModel
 
 
-class LlavaMistralConfig(MistralConfig):
+class LlavaMistralConfig(LlavaConfigMixin, MistralConfig):
     model_type = "llava_mistral"
-
-    def __init__(self, **kwargs):
-        # A backbone's config.json ("mistral", or "llava_mistral" read by the MoE subclass) would otherwise set
-        # an instance model_type that hides this class's until the config is saved and reloaded.
-        kwargs.pop("model_type", None)
-        super().__init__(**kwargs)
 
 
 class LlavaMistralModel(LlavaMetaModel, MistralModel):

@@ -6,17 +6,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moellava.model.language_model.phi import PhiConfig, PhiForCausalLM, PhiModel
-from moellava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
+from moellava.model.llava_arch import LlavaConfigMixin, LlavaMetaForCausalLM, LlavaMetaModel
 
 
-class LlavaPhiConfig(PhiConfig):
+class LlavaPhiConfig(LlavaConfigMixin, PhiConfig):
     model_type = "llava_phi"
-
-    def __init__(self, **kwargs):
-        # A backbone's config.json ("phi", or "llava_phi" read by the MoE subclass) would otherwise set
-        # an instance model_type that hides this class's until the config is saved and reloaded.
-        kwargs.pop("model_type", None)
-        super().__init__(**kwargs)
 
 
 class LlavaPhiModel(LlavaMetaModel, PhiModel):

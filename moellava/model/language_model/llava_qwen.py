@@ -7,17 +7,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moellava.model.language_model.qwen import QWenConfig, QWenLMHeadModel, QWenModel
-from moellava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
+from moellava.model.llava_arch import LlavaConfigMixin, LlavaMetaForCausalLM, LlavaMetaModel
 
 
-class LlavaQWenConfig(QWenConfig):
+class LlavaQWenConfig(LlavaConfigMixin, QWenConfig):
     model_type = "llava_qwen"
-
-    def __init__(self, **kwargs):
-        # A backbone's config.json ("qwen", or "llava_qwen" read by the MoE subclass) would otherwise set
-        # an instance model_type that hides this class's until the config is saved and reloaded.
-        kwargs.pop("model_type", None)
-        super().__init__(**kwargs)
 
 
 class LlavaQWenModel(LlavaMetaModel, QWenModel):

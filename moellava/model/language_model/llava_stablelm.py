@@ -6,17 +6,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moellava.model.language_model.stablelm import StableLmConfig, StableLmForCausalLM, StableLmModel
-from moellava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
+from moellava.model.llava_arch import LlavaConfigMixin, LlavaMetaForCausalLM, LlavaMetaModel
 
 
-class LlavaStablelmConfig(StableLmConfig):
+class LlavaStablelmConfig(LlavaConfigMixin, StableLmConfig):
     model_type = "llava_stablelm"
-
-    def __init__(self, **kwargs):
-        # A backbone's config.json ("stablelm", or "llava_stablelm" read by the MoE subclass) would otherwise set
-        # an instance model_type that hides this class's until the config is saved and reloaded.
-        kwargs.pop("model_type", None)
-        super().__init__(**kwargs)
 
 
 class LlavaStablelmModel(LlavaMetaModel, StableLmModel):
