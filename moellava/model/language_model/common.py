@@ -11,22 +11,36 @@ core behave identically everywhere:
 * ``validate_rope_scaling``: checks a config's ``rope_scaling`` dict.
 * ``repeat_kv``: expands key/value heads for grouped-query attention.
 * ``build_attention_mask``: the 4-D additive causal + padding mask, with an optional sliding window.
-* ``attention_core``: softmax(QK^T/sqrt(d) + mask) V, returning merged heads.
+* ``update_kv_cache``: prepends a layer's cached keys/values and returns what to cache next.
+* ``attention_core``: softmax(QK^T/sqrt(d) + mask) V over grouped key/value heads, returning merged heads.
 * ``SwiGLUMLP``: ``down_proj(act(gate_proj(x)) * up_proj(x))`` (Llama/Mistral/StableLM names).
+* ``decoder_layer_outputs``: the ``(hidden_states, [attentions], [present])`` tuple a decoder layer returns.
+* ``init_linear_and_embedding``: the normal(0, initializer_range) init every family starts from.
+* ``decoder_inputs`` + ``run_decoder_stack``: the inner model's forward around what each family adds
+  (its rotary inputs, embedding dropout, extra per-layer inputs): embeddings, positions, mask, then the
+  loop over layers (gradient checkpointing, cache, hidden states, attentions) and the final norm.
 * ``causal_lm_loss``: next-token cross entropy.
 * ``DecoderGenerationHooks``: ``prepare_inputs_for_generation`` / ``_reorder_cache`` for the
   legacy tuple cache (one ``(key, value)`` per layer, ``[batch, kv_heads, seq, head_dim]``).
+* ``DecoderForCausalLM``: the causal-LM head over an inner model: accessors, forward with the loss.
 """
 
 import math
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
 
 from moellava.constants import IGNORE_INDEX
+
+logger = logging.get_logger(__name__)
+
+KVCache = Tuple[torch.Tensor, torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -184,6 +198,17 @@ def build_attention_mask(
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def update_kv_cache(
+    key: torch.Tensor, value: torch.Tensor, past_key_value: Optional[KVCache], use_cache: bool
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[KVCache]]:
+    """Keys/values of this step (``[batch, kv_heads, seq, head_dim]``) after the layer's cached ones; returns
+    ``(key, value, present)`` with ``present`` the pair to cache (None unless ``use_cache``)."""
+    if past_key_value is not None:
+        key = torch.cat([past_key_value[0], key], dim=2)
+        value = torch.cat([past_key_value[1], value], dim=2)
+    return key, value, (key, value) if use_cache else None
+
+
 def attention_core(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -193,13 +218,20 @@ def attention_core(
     output_attentions: bool = False,
     upcast: bool = False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``softmax(q k^T / sqrt(head_dim) + mask) v`` for ``[batch, heads, seq, head_dim]`` inputs (keys and
-    values already repeated to the query heads).
+    """``softmax(q k^T / sqrt(head_dim) + mask) v`` for ``[batch, heads, seq, head_dim]`` inputs. Keys and
+    values may have fewer heads (grouped-query attention): each is shared by ``heads / kv_heads`` queries.
 
     Returns the context with heads merged, ``[batch, q_len, heads * head_dim]`` in the query dtype, and
     the attention probabilities when ``output_attentions`` (otherwise None: the fused SDPA kernel runs).
     ``upcast`` computes in fp32 (Phi-2's scores overflow fp16). The caller passes ``dropout_p=0`` in eval.
     """
+    groups, rest = divmod(query.shape[1], key.shape[1])
+    if rest:
+        raise ValueError(
+            f"{query.shape[1]} query heads cannot share {key.shape[1]} key/value heads; num_attention_heads must "
+            "be a multiple of num_key_value_heads in config.json"
+        )
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     out_dtype = query.dtype
     if upcast:
         query, key, value = query.float(), key.float(), value.float()
@@ -233,6 +265,133 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+def decoder_layer_outputs(
+    hidden_states: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    present: Optional[KVCache],
+    output_attentions: bool,
+    use_cache: bool,
+) -> tuple:
+    """A decoder layer's return value, as transformers' layers give it: ``(hidden_states, [attentions], [present])``."""
+    outputs = (hidden_states,)
+    if output_attentions:
+        outputs += (weights,)
+    if use_cache:
+        outputs += (present,)
+    return outputs
+
+
+def init_linear_and_embedding(module: nn.Module, std: float) -> None:
+    """``_init_weights`` of every family: linear and embedding weights ~ N(0, std), biases and the padding row 0."""
+    if isinstance(module, nn.Linear):
+        module.weight.data.normal_(mean=0.0, std=std)
+        if module.bias is not None:
+            module.bias.data.zero_()
+    elif isinstance(module, nn.Embedding):
+        module.weight.data.normal_(mean=0.0, std=std)
+        if module.padding_idx is not None:
+            module.weight.data[module.padding_idx].zero_()
+
+
+def decoder_inputs(
+    model: nn.Module,
+    input_ids: Optional[torch.LongTensor],
+    inputs_embeds: Optional[torch.FloatTensor],
+    attention_mask: Optional[torch.Tensor],
+    position_ids: Optional[torch.LongTensor],
+    past_key_values: Optional[Sequence[KVCache]],
+    sliding_window: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.LongTensor, int]:
+    """What an inner model's layers start from: ``(inputs_embeds, causal_mask, position_ids, past_length)``.
+
+    Embeds ``input_ids`` with ``model.get_input_embeddings()`` unless ``inputs_embeds`` are given; positions
+    default to ``past_length ..``; ``causal_mask`` is the 4-D mask of ``build_attention_mask``.
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError(f"{type(model).__name__}: pass exactly one of input_ids or inputs_embeds")
+    if inputs_embeds is None:
+        inputs_embeds = model.get_input_embeddings()(input_ids)
+    batch, seq_length = inputs_embeds.shape[:2]
+    past_length = past_key_values[0][0].shape[2] if past_key_values is not None else 0
+    if position_ids is None:
+        position_ids = torch.arange(past_length, past_length + seq_length, device=inputs_embeds.device)
+        position_ids = position_ids.unsqueeze(0).expand(batch, -1)
+    causal_mask = build_attention_mask(
+        attention_mask,
+        batch,
+        seq_length,
+        past_length,
+        inputs_embeds.dtype,
+        inputs_embeds.device,
+        sliding_window=sliding_window,
+    )
+    return inputs_embeds, causal_mask, position_ids, past_length
+
+
+def run_decoder_stack(
+    model: nn.Module,
+    layers: nn.ModuleList,
+    final_norm: nn.Module,
+    hidden_states: torch.Tensor,
+    layer_inputs: tuple,
+    past_key_values: Optional[Sequence[KVCache]],
+    *,
+    use_cache: Optional[bool],
+    output_attentions: Optional[bool],
+    output_hidden_states: Optional[bool],
+    return_dict: Optional[bool],
+) -> Union[Tuple, BaseModelOutputWithPast]:
+    """Runs ``hidden_states`` through ``layers`` and ``final_norm``, as transformers' decoder models do.
+
+    Each layer is called as ``layer(hidden_states, *layer_inputs, past_key_value, output_attentions,
+    use_cache)`` and returns ``(hidden_states, [attentions], [present])``. The flags default to
+    ``model.config``; under gradient checkpointing (``model.gradient_checkpointing`` in training) no cache
+    is built.
+    """
+    config = model.config
+    output_attentions = output_attentions if output_attentions is not None else config.output_attentions
+    output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+    use_cache = use_cache if use_cache is not None else config.use_cache
+    return_dict = return_dict if return_dict is not None else config.use_return_dict
+    checkpointing = model.gradient_checkpointing and model.training
+    if checkpointing and use_cache:
+        logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False")
+        use_cache = False
+
+    all_hidden_states = () if output_hidden_states else None
+    all_attentions = () if output_attentions else None
+    next_cache = () if use_cache else None
+    for idx, layer in enumerate(layers):
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        past_key_value = past_key_values[idx] if past_key_values is not None else None
+        if checkpointing:
+            # Non-reentrant: gradients reach every input, including a MoE block's auxiliary loss.
+            layer_outputs = torch.utils.checkpoint.checkpoint(
+                layer, hidden_states, *layer_inputs, None, output_attentions, False, use_reentrant=False
+            )
+        else:
+            layer_outputs = layer(hidden_states, *layer_inputs, past_key_value, output_attentions, use_cache)
+        hidden_states = layer_outputs[0]
+        if use_cache:
+            next_cache += (layer_outputs[2 if output_attentions else 1],)
+        if output_attentions:
+            all_attentions += (layer_outputs[1],)
+
+    hidden_states = final_norm(hidden_states)
+    if output_hidden_states:
+        all_hidden_states += (hidden_states,)
+
+    if not return_dict:
+        return tuple(v for v in (hidden_states, next_cache, all_hidden_states, all_attentions) if v is not None)
+    return BaseModelOutputWithPast(
+        last_hidden_state=hidden_states,
+        past_key_values=next_cache,
+        hidden_states=all_hidden_states,
+        attentions=all_attentions,
+    )
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
@@ -282,4 +441,73 @@ class DecoderGenerationHooks:
         return tuple(
             tuple(state.index_select(0, beam_idx.to(state.device)) for state in layer_past)
             for layer_past in past_key_values
+        )
+
+
+class DecoderForCausalLM(DecoderGenerationHooks):
+    """Placed before the family's PreTrainedModel: ``MistralForCausalLM(DecoderForCausalLM, MistralPreTrainedModel)``.
+
+    The family's ``__init__`` builds the inner model at ``base_model_prefix`` ("model", or QWen's
+    "transformer") and ``lm_head``. Logits are fp32 unless ``fp32_logits`` is False (the loss is fp32 anyway).
+    """
+
+    fp32_logits = True
+
+    def get_input_embeddings(self):
+        return self.get_decoder().get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.get_decoder().set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def set_decoder(self, decoder):
+        setattr(self, self.base_model_prefix, decoder)
+
+    def get_decoder(self):
+        return getattr(self, self.base_model_prefix)
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[List[KVCache]] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+    ) -> Union[Tuple, CausalLMOutputWithPast]:
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        outputs = self.get_decoder()(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
+        logits = self.lm_head(outputs[0])
+        if self.fp32_logits:
+            logits = logits.float()
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+
+        if not return_dict:
+            output = (logits,) + tuple(outputs[1:])
+            return (loss,) + output if loss is not None else output
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )

@@ -8,26 +8,24 @@ Cache: a tuple with one ``(key, value)`` per layer, each ``[batch, kv_heads, seq
 from typing import List, Optional, Tuple, Union
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.utils import logging
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..common import (
-    DecoderGenerationHooks,
+    DecoderForCausalLM,
     RotaryEmbedding,
     apply_rotary_pos_emb,
     attention_core,
-    build_attention_mask,
-    causal_lm_loss,
+    decoder_inputs,
+    decoder_layer_outputs,
     dynamic_ntk_alpha,
-    repeat_kv,
+    init_linear_and_embedding,
+    run_decoder_stack,
+    update_kv_cache,
 )
 from .configuration_phi import PhiConfig
-
-logger = logging.get_logger(__name__)
 
 
 class PhiMLP(nn.Module):
@@ -49,7 +47,6 @@ class PhiAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // self.num_heads
         self.num_key_value_heads = config.num_key_value_heads
-        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
         self.attention_dropout = config.attention_dropout
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim)
         self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim)
@@ -80,16 +77,12 @@ class PhiAttention(nn.Module):
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
         query, key = apply_rotary_pos_emb(query, key, *rotary_pos_emb)
-        if past_key_value is not None:
-            key = torch.cat([past_key_value[0], key], dim=2)
-            value = torch.cat([past_key_value[1], value], dim=2)
-        present = (key, value) if use_cache else None
-
+        key, value, present = update_kv_cache(key, value, past_key_value, use_cache)
         # Phi-2's attention scores overflow fp16, hence fp32 attention (as the official model).
         context, weights = attention_core(
             query,
-            repeat_kv(key, self.num_key_value_groups),
-            repeat_kv(value, self.num_key_value_groups),
+            key,
+            value,
             attention_mask,
             dropout_p=self.attention_dropout if self.training else 0.0,
             output_attentions=output_attentions,
@@ -124,12 +117,7 @@ class PhiDecoderLayer(nn.Module):
         )
         mlp_output = self.mlp(hidden_states)
         hidden_states = self.resid_dropout(attn_output) + self.resid_dropout(mlp_output) + residual
-        outputs = (hidden_states,)
-        if output_attentions:
-            outputs += (weights,)
-        if use_cache:
-            outputs += (present,)
-        return outputs
+        return decoder_layer_outputs(hidden_states, weights, present, output_attentions, use_cache)
 
 
 class PhiPreTrainedModel(PreTrainedModel):
@@ -140,16 +128,8 @@ class PhiPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = "past_key_values"
 
     def _init_weights(self, module):
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            module.weight.data.normal_(mean=0.0, std=std)
-            if module.bias is not None:
-                module.bias.data.zero_()
-        elif isinstance(module, nn.Embedding):
-            module.weight.data.normal_(mean=0.0, std=std)
-            if module.padding_idx is not None:
-                module.weight.data[module.padding_idx].zero_()
-        elif isinstance(module, nn.LayerNorm):
+        init_linear_and_embedding(module, self.config.initializer_range)
+        if isinstance(module, nn.LayerNorm):
             module.weight.data.fill_(1.0)
             module.bias.data.zero_()
 
@@ -201,70 +181,19 @@ class PhiModel(PhiPreTrainedModel):
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
     ) -> Union[Tuple, BaseModelOutputWithPast]:
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        inputs_embeds, causal_mask, position_ids, past_length = decoder_inputs(
+            self, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values
         )
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
-
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("PhiModel: pass exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        batch, seq_length = inputs_embeds.shape[:2]
-        past_length = past_key_values[0][0].shape[2] if past_key_values is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past_length, past_length + seq_length, device=inputs_embeds.device)
-            position_ids = position_ids.unsqueeze(0).expand(batch, -1)
-
-        attention_mask = build_attention_mask(
-            attention_mask, batch, seq_length, past_length, inputs_embeds.dtype, inputs_embeds.device
-        )
-        rotary_pos_emb = self.rotary_emb(position_ids, self._ntk_alpha(past_length + seq_length))
+        rotary_pos_emb = self.rotary_emb(position_ids, self._ntk_alpha(past_length + inputs_embeds.shape[1]))
         hidden_states = self.embed_dropout(inputs_embeds)
-
-        if self.gradient_checkpointing and self.training and use_cache:
-            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False")
-            use_cache = False
-
-        all_hidden_states = () if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        next_cache = () if use_cache else None
-        for idx, layer in enumerate(self.layers):
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            past_key_value = past_key_values[idx] if past_key_values is not None else None
-            if self.gradient_checkpointing and self.training:
-                layer_outputs = torch.utils.checkpoint.checkpoint(
-                    layer, hidden_states, attention_mask, rotary_pos_emb, None, output_attentions, False,
-                    use_reentrant=False,
-                )
-            else:
-                layer_outputs = layer(
-                    hidden_states, attention_mask, rotary_pos_emb, past_key_value, output_attentions, use_cache
-                )
-            hidden_states = layer_outputs[0]
-            if use_cache:
-                next_cache += (layer_outputs[2 if output_attentions else 1],)
-            if output_attentions:
-                all_attentions += (layer_outputs[1],)
-
-        hidden_states = self.final_layernorm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-
-        if not return_dict:
-            return tuple(v for v in (hidden_states, next_cache, all_hidden_states, all_attentions) if v is not None)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            past_key_values=next_cache,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
+        return run_decoder_stack(
+            self, self.layers, self.final_layernorm, hidden_states, (causal_mask, rotary_pos_emb), past_key_values,
+            use_cache=use_cache, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
         )
 
 
-class PhiForCausalLM(DecoderGenerationHooks, PhiPreTrainedModel):
+class PhiForCausalLM(DecoderForCausalLM, PhiPreTrainedModel):
     _tied_weights_keys = ["lm_head.weight"]
 
     def __init__(self, config: PhiConfig):
@@ -274,62 +203,5 @@ class PhiForCausalLM(DecoderGenerationHooks, PhiPreTrainedModel):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head = new_embeddings
-
-    def set_decoder(self, decoder):
-        self.model = decoder
-
-    def get_decoder(self):
-        return self.model
-
     def get_decoder_layers(self) -> nn.ModuleList:
         return self.model.layers
-
-    def forward(
-        self,
-        input_ids: Optional[torch.LongTensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None,
-        inputs_embeds: Optional[torch.FloatTensor] = None,
-        labels: Optional[torch.LongTensor] = None,
-        use_cache: Optional[bool] = None,
-        output_attentions: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-    ) -> Union[Tuple, CausalLMOutputWithPast]:
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=return_dict,
-        )
-        logits = self.lm_head(outputs[0]).float()
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-
-        if not return_dict:
-            output = (logits,) + tuple(outputs[1:])
-            return (loss,) + output if loss is not None else output
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )

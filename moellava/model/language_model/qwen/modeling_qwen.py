@@ -21,24 +21,23 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.utils import logging
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..common import (
-    DecoderGenerationHooks,
+    DecoderForCausalLM,
     RMSNorm,
     RotaryEmbedding,
     apply_rotary_pos_emb,
     attention_core,
-    build_attention_mask,
-    causal_lm_loss,
+    decoder_inputs,
+    decoder_layer_outputs,
+    init_linear_and_embedding,
+    run_decoder_stack,
+    update_kv_cache,
 )
 from .configuration_qwen import QWenConfig
-
-logger = logging.get_logger(__name__)
 
 
 def qwen_ntk_alpha(length: int, seq_length: int) -> float:
@@ -94,10 +93,7 @@ class QWenAttention(nn.Module):
             t.view(batch, q_len, self.num_heads, self.head_dim).transpose(1, 2) for t in (query, key, value)
         )
         query, key = apply_rotary_pos_emb(query, key, *rotary_pos_emb)
-        if past_key_value is not None:
-            key = torch.cat([past_key_value[0], key], dim=2)
-            value = torch.cat([past_key_value[1], value], dim=2)
-        present = (key, value) if use_cache else None
+        key, value, present = update_kv_cache(key, value, past_key_value, use_cache)
         if logn_scale is not None:
             query = query * logn_scale.to(query.dtype)
 
@@ -143,12 +139,7 @@ class QWenBlock(nn.Module):
         )
         hidden_states = hidden_states + attn_output
         hidden_states = hidden_states + self.mlp(self.ln_2(hidden_states))
-        outputs = (hidden_states,)
-        if output_attentions:
-            outputs += (weights,)
-        if use_cache:
-            outputs += (present,)
-        return outputs
+        return decoder_layer_outputs(hidden_states, weights, present, output_attentions, use_cache)
 
 
 class QWenPreTrainedModel(PreTrainedModel):
@@ -160,15 +151,8 @@ class QWenPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            module.weight.data.normal_(mean=0.0, std=std)
-            if module.bias is not None:
-                module.bias.data.zero_()
-        elif isinstance(module, nn.Embedding):
-            module.weight.data.normal_(mean=0.0, std=std)
-            if module.padding_idx is not None:
-                module.weight.data[module.padding_idx].zero_()
-        elif isinstance(module, RMSNorm):
+        init_linear_and_embedding(module, std)
+        if isinstance(module, RMSNorm):
             module.weight.data.fill_(1.0)
         # Output projections into the residual stream start smaller (GPT-2 scheme, as the official model).
         # apply() visits children first, so this overrides the plain Linear init above.
@@ -236,81 +220,27 @@ class QWenModel(QWenPreTrainedModel):
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
     ) -> Union[Tuple, BaseModelOutputWithPast]:
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        inputs_embeds, causal_mask, position_ids, past_length = decoder_inputs(
+            self, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values
         )
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
-
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("QWenModel: pass exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.wte(input_ids)
         batch, seq_length = inputs_embeds.shape[:2]
-        past_length = past_key_values[0][0].shape[2] if past_key_values is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past_length, past_length + seq_length, device=inputs_embeds.device)
-            position_ids = position_ids.unsqueeze(0).expand(batch, -1)
-
         ntk_alpha = self._ntk_alpha(attention_mask, batch, past_length, past_length + seq_length)
         rotary_pos_emb = self.rotary_emb(position_ids, ntk_alpha)
         logn_scale = None
         if self.config.use_logn_attn and not self.training and position_ids.max().item() + 1 > self.config.seq_length:
             logn_scale = qwen_logn_scale(position_ids, self.config.seq_length)
-        attention_mask = build_attention_mask(
-            attention_mask, batch, seq_length, past_length, inputs_embeds.dtype, inputs_embeds.device
-        )
         hidden_states = self.drop(inputs_embeds)
-
-        if self.gradient_checkpointing and self.training and use_cache:
-            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False")
-            use_cache = False
-
-        all_hidden_states = () if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        next_cache = () if use_cache else None
-        for idx, block in enumerate(self.h):
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            past_key_value = past_key_values[idx] if past_key_values is not None else None
-            if self.gradient_checkpointing and self.training:
-                layer_outputs = torch.utils.checkpoint.checkpoint(
-                    block, hidden_states, attention_mask, rotary_pos_emb, logn_scale, None, output_attentions, False,
-                    use_reentrant=False,
-                )
-            else:
-                layer_outputs = block(
-                    hidden_states,
-                    attention_mask,
-                    rotary_pos_emb,
-                    logn_scale,
-                    past_key_value,
-                    output_attentions,
-                    use_cache,
-                )
-            hidden_states = layer_outputs[0]
-            if use_cache:
-                next_cache += (layer_outputs[2 if output_attentions else 1],)
-            if output_attentions:
-                all_attentions += (layer_outputs[1],)
-
-        hidden_states = self.ln_f(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-
-        if not return_dict:
-            return tuple(v for v in (hidden_states, next_cache, all_hidden_states, all_attentions) if v is not None)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            past_key_values=next_cache,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
+        return run_decoder_stack(
+            self, self.h, self.ln_f, hidden_states, (causal_mask, rotary_pos_emb, logn_scale), past_key_values,
+            use_cache=use_cache, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
         )
 
 
-class QWenLMHeadModel(DecoderGenerationHooks, QWenPreTrainedModel):
+class QWenLMHeadModel(DecoderForCausalLM, QWenPreTrainedModel):
     _tied_weights_keys = ["lm_head.weight"]
+    # Logits stay in the model dtype, as in the official model (the loss upcasts to fp32).
+    fp32_logits = False
 
     def __init__(self, config: QWenConfig):
         super().__init__(config)
@@ -318,63 +248,5 @@ class QWenLMHeadModel(DecoderGenerationHooks, QWenPreTrainedModel):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.transformer.wte
-
-    def set_input_embeddings(self, value):
-        self.transformer.wte = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head = new_embeddings
-
-    def set_decoder(self, decoder):
-        self.transformer = decoder
-
-    def get_decoder(self):
-        return self.transformer
-
     def get_decoder_layers(self) -> nn.ModuleList:
         return self.transformer.h
-
-    def forward(
-        self,
-        input_ids: Optional[torch.LongTensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None,
-        inputs_embeds: Optional[torch.FloatTensor] = None,
-        labels: Optional[torch.LongTensor] = None,
-        use_cache: Optional[bool] = None,
-        output_attentions: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-    ) -> Union[Tuple, CausalLMOutputWithPast]:
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
-        outputs = self.transformer(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=return_dict,
-        )
-        # Logits stay in the model dtype, as in the official model (the loss upcasts to fp32).
-        logits = self.lm_head(outputs[0])
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-
-        if not return_dict:
-            output = (logits,) + tuple(outputs[1:])
-            return (loss,) + output if loss is not None else output
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
