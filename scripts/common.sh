@@ -72,6 +72,9 @@ launch() {
                  "$REPO_DIR/moellava/train/train.py")
             ;;
         python)
+            # One process without a launcher: DeepSpeed (if configured) still needs a rendezvous address.
+            export RANK="${RANK:-0}" LOCAL_RANK="${LOCAL_RANK:-0}" WORLD_SIZE="${WORLD_SIZE:-1}"
+            export MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}" MASTER_PORT="${MASTER_PORT:-29500}"
             cmd=(python "$REPO_DIR/moellava/train/train.py")
             ;;
         *)

@@ -30,10 +30,10 @@ SHAPE_QUESTIONS = ("What shape is it?", "Which shape is in the image?", "What sh
 CAPTION_QUESTIONS = ("Describe the image briefly.", "What is in the image?")
 # Text-only samples, mixed into stages 2 and 3 as in the real recipes (nlp_tune.json).
 TEXT_ONLY = (
-    ("How many sides does a triangle have?", "Three."),
-    ("How many sides does a square have?", "Four."),
-    ("Is a circle round?", "Yes."),
-    ("Name the colours you know.", "Red, green, blue and yellow."),
+    ("How many sides does a triangle have?", "A triangle has three sides."),
+    ("How many sides does a square have?", "A square has four sides."),
+    ("Is a circle round?", "A circle is round, yes."),
+    ("Name the colours you know.", "A few: red, green, blue and yellow."),
 )
 
 
@@ -81,8 +81,10 @@ def draw(spec: ShapeSpec, image_size: int = IMAGE_SIZE) -> Image.Image:
     return image
 
 
+# Every answer starts with "A": the toy tokenizer has the piece "▁A", so the space after "ASSISTANT:" and
+# the answer's first word are one token, which training labels and generation produces after the prompt.
 def colour_answer(spec: ShapeSpec) -> str:
-    return spec.colour.capitalize() + "."
+    return f"A {spec.colour} shape."
 
 
 def shape_answer(spec: ShapeSpec) -> str:

@@ -14,7 +14,7 @@ from moellava.tokenization.toy import build_toy_tokenizer
 @dataclass(frozen=True)
 class TowerSize:
     image_size: int = 32
-    patch_size: int = 4
+    patch_size: int = 8
     hidden_size: int = 64
     intermediate_size: int = 128
     num_hidden_layers: int = 2
@@ -38,9 +38,10 @@ def build_tokenizer(out_dir: str) -> str:
 def build_tower(out_dir: str, size: TowerSize = TowerSize(), seed: int = 0) -> str:
     """A random CLIP ViT with its image processor (no pretrained weights exist offline).
 
-    Small patches and a tower wider than a patch's pixel count keep colour and shape in the features even
-    without training: a random patch embedding is close to an invertible linear map of the pixels, and the
-    penultimate layer the projector reads (`mm_vision_select_layer -2`) adds to it through the residual.
+    Random features still carry colour and coarse shape: the patch embedding is a random linear map of each
+    8x8 patch, and the layer the projector reads (`mm_vision_select_layer -2`, here the first of two) only
+    adds to it through the residual. A 4x4 grid keeps the image to 16 tokens, which the tiny LLM learns to
+    read within the demo's budget.
     """
     torch.manual_seed(seed)
     config = CLIPVisionConfig(

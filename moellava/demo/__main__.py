@@ -1,0 +1,3 @@
+from moellava.demo.run import main
+
+main()
