@@ -247,7 +247,15 @@ class LLaVATrainer(Trainer):
             # save_pretrained, which then drops them.
             state_dict = {k: v.detach().cpu().clone() for k, v in expert_parallel_state_dict(self.model).items()}
             if self.args.should_save:
-                self._save(output_dir or self.args.output_dir, state_dict=state_dict)
+                # The file holds the single-process layout, so its config must say so: it then loads in
+                # one process (and a run with --ep_size N re-shards it at load).
+                config = self.model.config
+                trained_with = config.moe
+                config.moe = {**trained_with, "ep_size": 1, "backend": "native"}
+                try:
+                    self._save(output_dir or self.args.output_dir, state_dict=state_dict)
+                finally:
+                    config.moe = trained_with
             return
         super().save_model(output_dir, _internal_call)
 
