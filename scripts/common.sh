@@ -6,6 +6,8 @@
 #   MASTER_PORT       rendezvous port (default 29500)
 #   DEEPSPEED_CONFIG  ZeRO config (default scripts/zero2.json; empty to train without DeepSpeed)
 #   IMAGE_TOWER PROJECTOR SELECT_LAYER   vision tower, projector type, tower layer fed to the projector
+#                     (stages 1-2 default to openai/clip-vit-large-patch14-336, mlp2x_gelu, -2; stage 3 and
+#                     any empty value: the checkpoint's own)
 #   BF16 TF32 GRAD_CKPT                  True/False (CPU runs need BF16=False TF32=False)
 #   EPOCHS MAX_STEPS MAX_LEN WARMUP LOG_STEPS SAVE_STEPS SAVE_TOTAL WORKERS REPORT_TO CACHE_DIR SEED
 #   EXTRA_ARGS        appended verbatim to the train.py arguments (word-split)
@@ -13,9 +15,6 @@
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LAUNCHER="${LAUNCHER:-deepspeed}"
 DEEPSPEED_CONFIG="${DEEPSPEED_CONFIG-$REPO_DIR/scripts/zero2.json}"
-IMAGE_TOWER="${IMAGE_TOWER:-openai/clip-vit-large-patch14-336}"
-PROJECTOR="${PROJECTOR:-mlp2x_gelu}"
-SELECT_LAYER="${SELECT_LAYER:--2}"
 BF16="${BF16:-True}"
 TF32="${TF32:-True}"
 GRAD_CKPT="${GRAD_CKPT:-True}"
@@ -31,9 +30,6 @@ SEED="${SEED:-42}"
 
 # The flags of every stage; the stage scripts add theirs.
 COMMON_ARGS=(
-    --image_tower "$IMAGE_TOWER"
-    --image_projector_type "$PROJECTOR"
-    --mm_vision_select_layer "$SELECT_LAYER"
     --mm_use_im_start_end False
     --mm_use_im_patch_token False
     --bf16 "$BF16"
@@ -82,9 +78,13 @@ launch() {
             exit 2
             ;;
     esac
+    local vision=()
+    [[ -n "${IMAGE_TOWER:-}" ]] && vision+=(--image_tower "$IMAGE_TOWER")
+    [[ -n "${PROJECTOR:-}" ]] && vision+=(--image_projector_type "$PROJECTOR")
+    [[ -n "${SELECT_LAYER:-}" ]] && vision+=(--mm_vision_select_layer "$SELECT_LAYER")
     # EXTRA_ARGS is split into words on purpose.
     # shellcheck disable=SC2206
-    cmd+=("$@" ${EXTRA_ARGS:-})
+    cmd+=("$@" "${vision[@]}" ${EXTRA_ARGS:-})
     printf '+'
     printf ' %q' "${cmd[@]}"
     printf '\n'

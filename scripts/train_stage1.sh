@@ -13,6 +13,9 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 MODEL="${MODEL:-microsoft/phi-2}"
+IMAGE_TOWER="${IMAGE_TOWER:-openai/clip-vit-large-patch14-336}"
+PROJECTOR="${PROJECTOR:-mlp2x_gelu}"
+SELECT_LAYER="${SELECT_LAYER:--2}"
 VERSION="${VERSION:-plain}"
 DATA_PATH="${DATA_PATH:-pt_json/llava_image_.json}"
 IMAGE_FOLDER="${IMAGE_FOLDER:-train_image_video}"

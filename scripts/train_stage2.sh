@@ -4,7 +4,7 @@
 #
 #   MODEL             base LLM (the one of stage 1)                 default microsoft/phi-2
 #   VERSION           conversation template                         default: the model family's (phi, qwen, stablelm, v1, mistral)
-#   PRETRAIN_ADAPTER  stage 1's mm_projector.bin                    default ./checkpoints/llava-phi2-pretrain/mm_projector.bin
+#   PRETRAIN_ADAPTER  stage 1's mm_projector.bin (empty: none)      default ./checkpoints/llava-phi2-pretrain/mm_projector.bin
 #   DATA_PATH         JSON file(s), space-separated                 default the Hybrid-FT files under ft_json/
 #   IMAGE_FOLDER                                                    default train_image_video
 #   OUTPUT_DIR                                                      default ./checkpoints/llava-phi2-finetune
@@ -14,8 +14,11 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 MODEL="${MODEL:-microsoft/phi-2}"
+IMAGE_TOWER="${IMAGE_TOWER:-openai/clip-vit-large-patch14-336}"
+PROJECTOR="${PROJECTOR:-mlp2x_gelu}"
+SELECT_LAYER="${SELECT_LAYER:--2}"
 VERSION="${VERSION:-}"
-PRETRAIN_ADAPTER="${PRETRAIN_ADAPTER:-./checkpoints/llava-phi2-pretrain/mm_projector.bin}"
+PRETRAIN_ADAPTER="${PRETRAIN_ADAPTER-./checkpoints/llava-phi2-pretrain/mm_projector.bin}"
 DATA_PATH="${DATA_PATH:-ft_json/la_tune_256k.json ft_json/lrv_tune_331k.json ft_json/lvis_tune_220k_.json ft_json/svit_tune_157k.json ft_json/nlp_tune.json}"
 IMAGE_FOLDER="${IMAGE_FOLDER:-train_image_video}"
 OUTPUT_DIR="${OUTPUT_DIR:-./checkpoints/llava-phi2-finetune}"
@@ -27,6 +30,8 @@ WORKERS="${WORKERS:-4}"
 
 VERSION_ARGS=()
 [[ -n "$VERSION" ]] && VERSION_ARGS=(--version "$VERSION")
+ADAPTER_ARGS=()
+[[ -n "$PRETRAIN_ADAPTER" ]] && ADAPTER_ARGS=(--pretrain_mm_mlp_adapter "$PRETRAIN_ADAPTER")
 
 # shellcheck disable=SC2086
 launch \
@@ -34,7 +39,7 @@ launch \
     "${VERSION_ARGS[@]}" \
     --data_path $DATA_PATH \
     --image_folder "$IMAGE_FOLDER" \
-    --pretrain_mm_mlp_adapter "$PRETRAIN_ADAPTER" \
+    "${ADAPTER_ARGS[@]}" \
     --image_aspect_ratio pad \
     --group_by_modality_length True \
     --output_dir "$OUTPUT_DIR" \

@@ -5,7 +5,8 @@ work or disagreed with every shipped recipe:
 - `--num_experts` defaults to [4] and takes one value per MoE layer (the original's default was lost by the
   parser and a per-layer list was never stored);
 - `--version` defaults to the model family's template (families table) instead of "v0";
-- `--moe_mode` defaults to "sparse" (the recipe) and `--mm_vision_select_layer` to -2 (every recipe);
+- `--moe_mode` defaults to "sparse" (the recipe); the vision settings (`--image_tower`, projector type,
+  selected layer and feature) default to the checkpoint's own, else to -2 / patch / linear;
 - `--mm_use_im_patch_token` defaults to False (every recipe passes False);
 - choices are enforced by the parser (`Literal` fields), not only documented.
 LoRA / k-bit quantisation and video arguments of the original are not offered: this project does not
@@ -45,11 +46,15 @@ class ModelArguments:
         default=None,
         metadata={"help": "CLIP/SigLIP vision tower (hub id or folder). Default: the checkpoint's own tower."},
     )
-    mm_vision_select_layer: int = field(
-        default=-2, metadata={"help": "Hidden layer of the tower fed to the projector (-2 = penultimate)."}
+    mm_vision_select_layer: Optional[int] = field(
+        default=None,
+        metadata={"help": "Hidden layer of the tower fed to the projector. Default: the checkpoint's, else -2 "
+                  "(penultimate)."},
     )
-    mm_vision_select_feature: Literal["patch", "cls_patch"] = field(
-        default="patch", metadata={"help": "patch: patch tokens only; cls_patch: CLS token too (CLIP)."}
+    mm_vision_select_feature: Optional[Literal["patch", "cls_patch"]] = field(
+        default=None,
+        metadata={"help": "patch: patch tokens only; cls_patch: CLS token too (CLIP). Default: the checkpoint's, "
+                  "else patch."},
     )
     pretrain_mm_mlp_adapter: Optional[str] = field(
         default=None, metadata={"help": "Stage-1 mm_projector.bin to start the projector from (stage 2)."}

@@ -13,6 +13,7 @@ stages 2 and 3 is a Hugging Face checkpoint (safetensors, config with `conv_temp
 import dataclasses
 import logging
 import os
+import re
 import sys
 from typing import List, Optional, Sequence, Tuple
 
@@ -21,7 +22,7 @@ import transformers
 from transformers import AutoConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
 
 import moellava.model  # noqa: F401  (registers the llava_* / moe_llava_* model types)
 from moellava import conversation as conversation_lib
@@ -33,6 +34,7 @@ from moellava.train.dataset import make_supervised_data_module
 from moellava.train.llava_trainer import LLaVATrainer, SKIP_REPORT_FILE
 
 logger = logging.getLogger("moellava.train")
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -130,14 +132,19 @@ def upcycle(model, model_args: ModelArguments, training_args: TrainingArguments,
 
 def vision_arguments(model_args: ModelArguments, config) -> Optional[ModelArguments]:
     """The model arguments with the tower, projector type and feature selection filled from the checkpoint
-    when not given; None for a text-only model."""
+    (a LLaVA checkpoint records them in its config) when not given; None for a text-only model."""
     tower = model_args.image_tower or getattr(config, "mm_image_tower", None)
     if not tower:
         return None
+    def pick(value, key, default):
+        return value if value is not None else getattr(config, key, default)
+
     return dataclasses.replace(
         model_args,
         image_tower=tower,
-        image_projector_type=model_args.image_projector_type or getattr(config, "image_projector_type", "linear"),
+        image_projector_type=pick(model_args.image_projector_type, "image_projector_type", "linear"),
+        mm_vision_select_layer=pick(model_args.mm_vision_select_layer, "mm_vision_select_layer", -2),
+        mm_vision_select_feature=pick(model_args.mm_vision_select_feature, "mm_vision_select_feature", "patch"),
     )
 
 
@@ -169,6 +176,24 @@ def log_trainable(model) -> None:
                 sum(n for _, n in trainable), total, 100.0 * sum(n for _, n in trainable) / max(total, 1))
     for name, numel in trainable:
         logger.debug("  trains %s (%d)", name, numel)
+
+
+def last_complete_checkpoint(output_dir: str) -> Optional[str]:
+    """The newest `checkpoint-N` that was completely written (the Trainer writes trainer_state.json after the
+    weights and optimizer states); a newer one cut short by a kill is skipped, with a warning."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT.fullmatch(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            steps.append(int(match.group(1)))
+    for step in sorted(steps, reverse=True):
+        folder = os.path.join(output_dir, f"checkpoint-{step}")
+        if os.path.isfile(os.path.join(folder, TRAINER_STATE_NAME)):
+            return folder
+        logger.warning("Skipping %s: it was not completely written (no %s).", folder, TRAINER_STATE_NAME)
+    return None
 
 
 def parse_arguments(argv: Optional[Sequence[str]] = None) -> Tuple[ModelArguments, DataArguments, TrainingArguments]:
@@ -241,9 +266,7 @@ def train(argv: Optional[Sequence[str]] = None) -> None:
         **data_module,
     )
 
-    checkpoint = None
-    if os.path.isdir(training_args.output_dir) and not training_args.overwrite_output_dir:
-        checkpoint = get_last_checkpoint(training_args.output_dir)
+    checkpoint = None if training_args.overwrite_output_dir else last_complete_checkpoint(training_args.output_dir)
     if checkpoint is not None:
         logger.info("Resuming from %s", checkpoint)
         trainer.load_skip_report(checkpoint)
