@@ -43,9 +43,21 @@ def stages(tmp_path_factory):
     logs = {}
     logs[1] = run_script("train_stage1.sh", {**common, "MODEL": llm, "DATA_PATH": paths["stage1"],
                                              "OUTPUT_DIR": dirs[1], "MAX_STEPS": "4"}, os.path.join(root, "s1.log"))
-    logs[2] = run_script("train_stage2.sh", {**common, "MODEL": llm, "DATA_PATH": paths["stage2"],
-                                             "OUTPUT_DIR": dirs[2], "MAX_STEPS": "6", "VERSION": "v1",
-                                             "PRETRAIN_ADAPTER": os.path.join(dirs[1], "mm_projector.bin")},
+    # Stage 2 trains one epoch over data with bad samples mixed in, skipping and counting them.
+    bad = os.path.join(root, "data", "bad.json")
+    with open(os.path.join(paths["image_folder"], "corrupt.png"), "wb") as f:
+        f.write(b"not an image")
+    with open(bad, "w") as f:
+        json.dump([
+            {"id": "gone", "image": "missing.png", "conversations": [
+                {"from": "human", "value": "<image>\nWhat shape is it?"}, {"from": "gpt", "value": "A circle."}]},
+            {"id": "broken", "image": "corrupt.png", "conversations": [
+                {"from": "human", "value": "<image>\nWhat shape is it?"}, {"from": "gpt", "value": "A square."}]},
+        ], f)
+    logs[2] = run_script("train_stage2.sh", {**common, "MODEL": llm, "DATA_PATH": f"{paths['stage2']} {bad}",
+                                             "OUTPUT_DIR": dirs[2], "EPOCHS": "1", "VERSION": "v1",
+                                             "PRETRAIN_ADAPTER": os.path.join(dirs[1], "mm_projector.bin"),
+                                             "EXTRA_ARGS": "--skip_bad_samples True --max_skipped_fraction 0.1"},
                          os.path.join(root, "s2.log"))
     # Stage 3 takes the family defaults: --version v1 and --train_modules gate_proj up_proj down_proj wg.
     logs[3] = run_script("train_stage3.sh", {**common, "MODEL": dirs[2], "DATA_PATH": paths["stage3"],
@@ -99,7 +111,17 @@ def test_stage2_trains_llm_and_projector_but_not_the_tower(stages):
         if key.startswith("vision_model."):
             assert torch.equal(weights[f"model.image_tower.image_tower.{key}"], value), key
     history = log_history(out)
-    assert len(history) == 6 and history[-1]["lm_loss"] < history[0]["lm_loss"]
+    assert len(history) == 7 and history[-1]["lm_loss"] < history[0]["lm_loss"]  # 26 + 2 samples, batch 4
+
+
+def test_stage2_skips_and_reports_bad_samples(stages):
+    out = stages["dirs"][2]
+    with open(os.path.join(out, "skipped_samples.json")) as f:
+        report = json.load(f)
+    assert report["total_samples"] == 28 and report["skipped"] == 2
+    assert report["by_reason"] == {"corrupt_image": 1, "missing_image": 1}
+    assert sorted(sample["sample_id"] for sample in report["samples"]) == ["broken", "gone"]
+    assert "Bad samples: skipped 2 of 28 samples: {'corrupt_image': 1, 'missing_image': 1}" in stages["logs"][2]
 
 
 def test_stage3_upcycles_trains_experts_and_logs_losses_apart(stages):
