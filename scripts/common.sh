@@ -4,6 +4,7 @@
 #   LAUNCHER          deepspeed (default), torchrun, or python (one process, no launcher)
 #   NUM_GPUS          processes on this machine (default: deepspeed/torchrun use every visible GPU; 1 for torchrun)
 #   MASTER_PORT       rendezvous port (default 29500)
+#   LAUNCHER_ARGS     more launcher options, e.g. "--hostfile hostfile" or "--include localhost:0,1" (word-split)
 #   DEEPSPEED_CONFIG  ZeRO config (default scripts/zero2.json; empty to train without DeepSpeed)
 #   IMAGE_TOWER PROJECTOR SELECT_LAYER   vision tower, projector type, tower layer fed to the projector
 #                     (stages 1-2 default to openai/clip-vit-large-patch14-336, mlp2x_gelu, -2; stage 3 and
@@ -61,10 +62,12 @@ launch() {
         deepspeed)
             cmd=(deepspeed)
             [[ -n "${NUM_GPUS:-}" ]] && cmd+=(--num_gpus "$NUM_GPUS")
-            cmd+=(--master_port "${MASTER_PORT:-29500}" "$REPO_DIR/moellava/train/train.py")
+            # shellcheck disable=SC2206
+            cmd+=(--master_port "${MASTER_PORT:-29500}" ${LAUNCHER_ARGS:-} "$REPO_DIR/moellava/train/train.py")
             ;;
         torchrun)
-            cmd=(torchrun --nproc_per_node "${NUM_GPUS:-1}" --master_port "${MASTER_PORT:-29500}"
+            # shellcheck disable=SC2206
+            cmd=(torchrun --nproc_per_node "${NUM_GPUS:-1}" --master_port "${MASTER_PORT:-29500}" ${LAUNCHER_ARGS:-}
                  "$REPO_DIR/moellava/train/train.py")
             ;;
         python)
