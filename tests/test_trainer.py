@@ -161,3 +161,16 @@ def test_argument_conflicts_are_refused_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match="max_skipped_fraction must be in"):
         DataArguments(max_skipped_fraction=1.5)
     assert isinstance(parse()[2], TrainingArguments)
+
+
+def test_model_class_follows_model_type_and_stage():
+    from moellava.train.train import model_class_for
+
+    assert model_class_for("llama", moe=False).__name__ == "LlavaLlamaForCausalLM"
+    assert model_class_for("llava_llama", moe=True).__name__ == "MoELLaVALlamaForCausalLM"
+    assert model_class_for("phi", moe=False).__name__ == "LlavaPhiForCausalLM"
+    assert model_class_for("llava_qwen", moe=True).__name__ == "MoELLaVAQWenForCausalLM"
+    assert model_class_for("stablelm_epoch", moe=True).__name__ == "MoELLaVAStablelmForCausalLM"
+    assert model_class_for("mistral", moe=False).__name__ == "LlavaMistralForCausalLM"
+    with pytest.raises(ValueError, match="model_type 'gpt2' does not belong to a known tokenizer family"):
+        model_class_for("gpt2", moe=False)
