@@ -193,6 +193,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--eval-images", type=int, default=48)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    # The demo runs on CPU everywhere, in this process (evaluation) as in the training scripts.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     start = time.time()
     out = os.path.abspath(args.output_dir)
     shutil.rmtree(out, ignore_errors=True)
