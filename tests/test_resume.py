@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import tiny_llava
 from moellava.demo import data, models
 from moellava.demo.run import REPO_DIR, script_environment
 
@@ -33,7 +34,7 @@ def setup(tmp_path_factory):
     tokenizer = models.build_tokenizer(os.path.join(root, "tokenizer"))
     tower = models.build_tower(os.path.join(root, "tower"), TOWER)
     llm = models.build_llm(os.path.join(root, "llm"), tokenizer, LLAMA)
-    return {"root": root, "paths": paths, "tower": tower, "llm": llm}
+    return {"root": root, "paths": paths, "tokenizer": tokenizer, "tower": tower, "llm": llm}
 
 
 def train(script, out, overrides):
@@ -76,11 +77,7 @@ def assert_same_run(uninterrupted, resumed, resumed_log):
 
 def test_stage3_deepspeed_resume_matches_an_uninterrupted_run(setup):
     paths, root = setup["paths"], setup["root"]
-    stage2 = os.path.join(root, "stage2")
-    # A short stage 2 gives the dense checkpoint stage 3 upcycles.
-    train("train_stage2.sh", stage2, {"MODEL": setup["llm"], "IMAGE_TOWER": setup["tower"], "VERSION": "v1",
-                                      "DATA_PATH": paths["stage2"], "IMAGE_FOLDER": paths["image_folder"],
-                                      "MAX_STEPS": "1", "PRETRAIN_ADAPTER": "", "DEEPSPEED_CONFIG": ""})
+    stage2 = tiny_llava.build_tiny_llava_llama(os.path.join(root, "stage2"), setup["tokenizer"], setup["tower"])
     overrides = {"MODEL": stage2, "DATA_PATH": paths["stage3"], "IMAGE_FOLDER": paths["image_folder"],
                  "GRAD_ACC": "2", "LR": "1e-3"}
     whole, resumed = os.path.join(root, "stage3_whole"), os.path.join(root, "stage3_resumed")
