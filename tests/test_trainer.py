@@ -174,3 +174,13 @@ def test_model_class_follows_model_type_and_stage():
     assert model_class_for("mistral", moe=False).__name__ == "LlavaMistralForCausalLM"
     with pytest.raises(ValueError, match="model_type 'gpt2' does not belong to a known tokenizer family"):
         model_class_for("gpt2", moe=False)
+
+
+def test_a_stage1_output_is_not_taken_for_a_model(tmp_path):
+    from moellava.train.train import train
+
+    (tmp_path / "config.json").write_text('{"model_type": "llava_llama"}')
+    torch.save({}, tmp_path / "mm_projector.bin")
+    with pytest.raises(ValueError, match=r"is a Stage-1 output \(only mm_projector.bin\): pass the base LLM"):
+        train(["--model_name_or_path", str(tmp_path), "--data_path", "d.json", "--output_dir", str(tmp_path / "o"),
+               "--report_to", "none"])

@@ -316,9 +316,14 @@ class LLaVATrainer(Trainer):
                 "use a different --output_dir."
             )
         state = torch.load(path, map_location="cpu", weights_only=True)
-        result = (model or self.model).load_state_dict(state, strict=False)
-        if result.unexpected_keys:
-            raise ValueError(f"{path} does not fit this model: unexpected keys {result.unexpected_keys}.")
+        model = model or self.model
+        expected = {key for key in model.state_dict() if any(part in key for part in self.projector_only_keys)}
+        result = model.load_state_dict(state, strict=False)
+        if result.unexpected_keys or expected - set(state):
+            raise ValueError(
+                f"{path} does not fit this model: unexpected keys {result.unexpected_keys}, missing "
+                f"{sorted(expected - set(state))}. Resume with the arguments of the run that wrote it."
+            )
         logger.info("Resumed the projector from %s", path)
 
     def _load_optimizer_and_scheduler(self, checkpoint):

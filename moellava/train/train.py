@@ -23,6 +23,7 @@ from transformers import AutoConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.trainer import TRAINER_STATE_NAME
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 import moellava.model  # noqa: F401  (registers the llava_* / moe_llava_* model types)
 from moellava import conversation as conversation_lib
@@ -31,7 +32,7 @@ from moellava.model.moe_model import has_moe_layers
 from moellava.tokenization import family_for_model_type, get_family, load_tokenizer
 from moellava.train.arguments import DataArguments, ModelArguments, TrainingArguments, check_arguments
 from moellava.train.dataset import make_supervised_data_module
-from moellava.train.llava_trainer import LLaVATrainer, SKIP_REPORT_FILE
+from moellava.train.llava_trainer import PROJECTOR_FILE, SKIP_REPORT_FILE, LLaVATrainer
 
 logger = logging.getLogger("moellava.train")
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
@@ -79,7 +80,16 @@ def model_class_for(model_type: str, moe: bool):
 
 def load_model(model_args: ModelArguments, training_args: TrainingArguments):
     """The model of `--model_name_or_path` in its LLaVA class (MoE class for stage 3)."""
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=training_args.cache_dir)
+    path = model_args.model_name_or_path
+    if os.path.isfile(os.path.join(path, PROJECTOR_FILE)) and not any(
+        os.path.isfile(os.path.join(path, name)) for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME,
+                                                             WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+    ):
+        raise ValueError(
+            f"{path} is a Stage-1 output (only {PROJECTOR_FILE}): pass the base LLM as --model_name_or_path and "
+            f"--pretrain_mm_mlp_adapter {os.path.join(path, PROJECTOR_FILE)}."
+        )
+    config = AutoConfig.from_pretrained(path, cache_dir=training_args.cache_dir)
     already_moe = has_moe_layers(config)
     if already_moe and not model_args.moe_enable:
         raise ValueError(
