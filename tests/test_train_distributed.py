@@ -1,6 +1,6 @@
-"""Stage 3 with two processes and expert parallelism (ep_size=2: each rank holds 2 of the 4 experts), through
-`scripts/train_stage3.sh` and the `deepspeed` launcher on CPU (gloo). The checkpoint written by rank 0 must
-hold all experts under their global indices and load in one process."""
+"""Stage 3 with two processes through `scripts/train_stage3.sh` on CPU (gloo): with the `deepspeed` launcher and
+expert parallelism (ep_size=2: each rank holds 2 of the 4 experts), whose checkpoint, written by rank 0, must
+hold all experts under their global indices and load in one process; and with `torchrun` and plain DDP."""
 
 import glob
 import json
@@ -30,18 +30,23 @@ def finished(out: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def inputs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("distributed"))
     paths = data.build_dataset(os.path.join(root, "data"), num_train_images=16, num_eval_images=1)
     tokenizer = models.build_tokenizer(os.path.join(root, "tokenizer"))
     tower = tiny_llava.build_tiny_clip_tower(os.path.join(root, "tower"))
     stage2 = tiny_llava.build_tiny_llava_llama(os.path.join(root, "stage2"), tokenizer, tower)
-    out = os.path.join(root, "stage3")
+    return {"root": root, "paths": paths, "stage2": stage2}
+
+
+def run_stage3(inputs, name, overrides):
+    """Stage 3 on two CPU processes; returns the output folder and the log."""
+    out = os.path.join(inputs["root"], name)
     env = script_environment({
-        "NUM_GPUS": "2", "EP_SIZE": "2", "OMP_NUM_THREADS": "1", "MODEL": stage2, "IMAGE_TOWER": tower,
-        "DATA_PATH": paths["stage3"], "IMAGE_FOLDER": paths["image_folder"], "OUTPUT_DIR": out,
-        "VERSION": "v1", "BATCH": "2", "GRAD_ACC": "1", "LR": "1e-3", "MAX_STEPS": str(STEPS),
-        "SAVE_STEPS": str(STEPS), "LOG_STEPS": "1", "WORKERS": "0",
+        "NUM_GPUS": "2", "OMP_NUM_THREADS": "1", "MODEL": inputs["stage2"], "DATA_PATH": inputs["paths"]["stage3"],
+        "IMAGE_FOLDER": inputs["paths"]["image_folder"], "OUTPUT_DIR": out, "VERSION": "v1", "BATCH": "2",
+        "GRAD_ACC": "1", "LR": "1e-3", "MAX_STEPS": str(STEPS), "SAVE_STEPS": str(STEPS), "LOG_STEPS": "1",
+        "WORKERS": "0", **overrides,
     })
     # Known flake: about 1 run in 15 aborts at interpreter exit after all its work is done. Judge by the
     # outputs; retry once, from scratch, only when they are incomplete.
@@ -53,7 +58,13 @@ def run(tmp_path_factory):
         shutil.rmtree(out, ignore_errors=True)
     log = result.stdout + result.stderr
     assert finished(out), f"two-process stage 3 failed (exit {result.returncode}):\n{log[-5000:]}"
-    return {"out": out, "stage2": stage2, "log": log}
+    return out, log
+
+
+@pytest.fixture(scope="module")
+def run(inputs):
+    out, log = run_stage3(inputs, "stage3", {"EP_SIZE": "2"})
+    return {"out": out, "stage2": inputs["stage2"], "log": log}
 
 
 def test_two_ranks_trained_with_expert_parallelism(run):
@@ -109,3 +120,16 @@ def test_checkpoint_loads_in_one_process(run):
     with torch.no_grad():
         logits = model(input_ids=ids, images=None).logits
     assert torch.isfinite(logits).all()
+
+
+def test_torchrun_with_ddp_trains_the_native_moe(inputs):
+    """torchrun and DistributedDataParallel without DeepSpeed: every rank holds all experts (native)."""
+    out, log = run_stage3(inputs, "stage3_ddp", {"LAUNCHER": "torchrun", "DEEPSPEED_CONFIG": ""})
+    assert "+ torchrun --nproc_per_node 2" in log and "MoE (native backend)" in log
+    with open(os.path.join(out, "trainer_state.json")) as f:
+        history = [entry for entry in json.load(f)["log_history"] if "loss" in entry]
+    assert len(history) == STEPS and all("aux_loss" in entry for entry in history)
+    weights = load_file(os.path.join(out, "model.safetensors"))
+    dense = load_file(os.path.join(inputs["stage2"], "model.safetensors"))
+    assert not torch.equal(weights[EXPERT.format(layer=0, expert=0, name="up_proj.weight")],
+                           dense["model.layers.0.mlp.up_proj.weight"])
