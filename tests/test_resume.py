@@ -24,7 +24,7 @@ TOWER = models.TowerSize(image_size=32, patch_size=8, hidden_size=32, intermedia
                          num_attention_heads=2)
 LLAMA = models.LlamaSize(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                          max_position_embeddings=256)
-STEPS = 6
+STEPS = 4
 
 
 @pytest.fixture(scope="module")

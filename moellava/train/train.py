@@ -93,10 +93,10 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments):
     already_moe = has_moe_layers(config)
     if already_moe and not model_args.moe_enable:
         raise ValueError(
-            f"{model_args.model_name_or_path} is a MoE checkpoint: pass --moe_enable True to keep training it."
+            f"{path} is a MoE checkpoint: pass --moe_enable True to keep training it."
         )
     model_class = model_class_for(config.model_type, model_args.moe_enable)
-    config = model_class.config_class.from_pretrained(model_args.model_name_or_path, cache_dir=training_args.cache_dir)
+    config = model_class.config_class.from_pretrained(path, cache_dir=training_args.cache_dir)
     if already_moe:
         # The expert layout is a property of this run (processes, --ep_size), not of the checkpoint.
         config.moe = {**config.moe, "backend": resolve_moe_backend(model_args.moe_backend, training_args),
@@ -106,9 +106,7 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments):
     dtype = torch.float32
     if training_args.deepspeed and (training_args.bf16 or training_args.fp16):
         dtype = torch.bfloat16 if training_args.bf16 else torch.float16
-    model = model_class.from_pretrained(
-        model_args.model_name_or_path, config=config, cache_dir=training_args.cache_dir, torch_dtype=dtype
-    )
+    model = model_class.from_pretrained(path, config=config, cache_dir=training_args.cache_dir, torch_dtype=dtype)
     model.config.use_cache = False
     return model
 
