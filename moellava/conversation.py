@@ -36,12 +36,15 @@ class Conversation:
         """The prompt as consecutive pieces `(text, is_answer)`.
 
         `is_answer` pieces are exactly what training learns: each assistant message plus its end-of-turn
-        string. Their concatenation is `get_prompt()`, so training and inference see the same text.
+        string, preceded by the separator that follows the role (" " in "ASSISTANT: "). At inference the
+        prompt ends at the role ("ASSISTANT:", see `get_prompt` with a `None` message), so that separator is
+        the first thing the model must generate. The pieces concatenate to `get_prompt()`, so training and
+        inference see the same text.
         """
-        pieces: List[Tuple[str, bool]] = []
         style = self.sep_style
         if style == SeparatorStyle.LLAMA_2:
             return self._render_llama_2()
+        pieces: List[Tuple[str, bool]] = []
         if style == SeparatorStyle.PLAIN:
             pieces.append((self.system, False))
             for i, (_, message) in enumerate(self.messages):
@@ -51,20 +54,17 @@ class Conversation:
             return pieces
         pieces.append((self.system + self.sep, False))
         for i, (role, message) in enumerate(self.messages):
-            is_assistant = i % 2 == 1
             if style == SeparatorStyle.MPT:
-                head, end = role, self.sep
+                head, gap, end = role, "", self.sep
             elif style == SeparatorStyle.TWO:
-                head, end = role + ": ", (self.sep, self.sep2)[i % 2]
+                head, gap, end = role + ":", " ", (self.sep, self.sep2)[i % 2]
             elif style == SeparatorStyle.SINGLE:
-                head, end = role + ": ", self.sep
+                head, gap, end = role + ":", " ", self.sep
             else:
                 raise ValueError(f"Unknown separator style {style}")
-            if message is None:
-                pieces.append((head.rstrip(" "), False))
-            else:
-                pieces.append((head, False))
-                pieces.append((message + end, is_assistant))
+            pieces.append((head, False))
+            if message is not None:
+                pieces.append((gap + message + end, i % 2 == 1))
         return pieces
 
     def _render_llama_2(self) -> List[Tuple[str, bool]]:
@@ -81,8 +81,7 @@ class Conversation:
                 text = f"{self.sep}[INST] {message} [/INST]" if message is not None else ""
                 pieces.append((text.removeprefix(self.sep) if i == 0 else text, False))
             elif message is not None:
-                pieces.append((" ", False))
-                pieces.append((f"{message} {self.sep2}", True))
+                pieces.append((f" {message} {self.sep2}", True))
         return pieces
 
     def get_prompt(self) -> str:

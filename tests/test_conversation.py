@@ -3,7 +3,7 @@
 import pytest
 
 from moellava import conversation as conversation_lib
-from moellava.conversation import SYSTEM_HUMAN, SYSTEM_USER, conv_templates, get_conv_template
+from moellava.conversation import SYSTEM_HUMAN, SYSTEM_USER, SeparatorStyle, conv_templates, get_conv_template
 
 U1, A1, U2, A2 = "<image>\nWhat is in the image?", "A cat.", "What color is it?", "Black."
 
@@ -75,15 +75,27 @@ def test_render_pieces_concatenate_to_prompt_and_mark_answers():
     conv = render("v1", [U1, A1, U2, A2])
     pieces = conv.render()
     assert "".join(text for text, _ in pieces) == conv.get_prompt()
-    assert [text for text, is_answer in pieces if is_answer] == [A1 + "</s>", A2 + "</s>"]
+    # An answer piece is what follows the inference prompt "... ASSISTANT:", separator included.
+    assert [text for text, is_answer in pieces if is_answer] == [" " + A1 + "</s>", " " + A2 + "</s>"]
     llama = render("llava_llama_2", [U1, A1, U2, A2]).render()
-    assert [text for text, is_answer in llama if is_answer] == [A1 + " </s>", A2 + " </s>"]
+    assert [text for text, is_answer in llama if is_answer] == [" " + A1 + " </s>", " " + A2 + " </s>"]
+    mpt = render("mpt", [U1, A1]).render()
+    assert [text for text, is_answer in mpt if is_answer] == [A1 + "<|im_end|>"]
+
+
+@pytest.mark.parametrize("version", sorted(v for v, c in conv_templates.items() if c.sep_style != SeparatorStyle.PLAIN))
+def test_answer_pieces_follow_the_generation_prompt(version):
+    # Stage 1 (plain) trains on "<image>" + caption instead of the rendered question (preprocess_plain).
+    conv = render(version, [U1, A1])
+    gen = render(version, [U1, None]).get_prompt()
+    prompt = "".join(text for text, is_answer in conv.render() if not is_answer)
+    assert prompt == gen
 
 
 def test_empty_answer_keeps_its_end_token():
     conv = render("phi", [U1, ""])
     assert conv.get_prompt().endswith("ASSISTANT: <|endoftext|>")
-    assert [text for text, is_answer in conv.render() if is_answer] == ["<|endoftext|>"]
+    assert [text for text, is_answer in conv.render() if is_answer] == [" <|endoftext|>"]
 
 
 def test_unknown_version_lists_choices():

@@ -75,7 +75,8 @@ SEED_V1 = dict(start=1, round_extra=0, instruction_offset=-2)
 SEED_QWEN = dict(start=0, round_extra=1, instruction_offset=-1)
 
 ordinary_words = st.sampled_from(
-    ["the", "cat", "sits", "on", "a", "red", "mat", "Yes", "No", "there", "are", "dogs", "in", "picture", "It"]
+    ["the", "cat", "sits", "on", "a", "red", "mat", "Yes", "No", "there", "are", "dogs", "in", "picture", "It",
+     "3", "12"]
 )
 ordinary_text = st.lists(ordinary_words, min_size=1, max_size=8).map(" ".join)
 
@@ -127,19 +128,19 @@ def test_masks_equal_seed_arithmetic_qwen(real_qwen_tokenizer, source):
     assert ours == seed
 
 
-def test_seed_trains_an_instruction_token_when_a_qwen_answer_starts_with_a_digit(real_qwen_tokenizer):
-    # Qwen's regex keeps the separator's space apart from a digit: " ASSISTANT: 5" -> ":", " ", "5".
-    # The seed's `instruction_len - 1` assumes the space merged into the answer, so it trains on " ".
-    conversation_lib.set_default_conversation("qwen")
+@pytest.mark.parametrize("vocab,version", [("qwen", "qwen"), ("llama2", "v1")])
+def test_the_separator_space_is_trained_when_the_tokenizer_keeps_it_apart(request, vocab, version):
+    # Both vocabularies keep the space before a digit as its own token (" 5" -> " ", "5"). Inference prompts
+    # end at "ASSISTANT:", so that space is the first token the model must produce: it is trained.
+    tokenizer = request.getfixturevalue(f"real_{vocab}_tokenizer")
+    conversation_lib.set_default_conversation(version)
     source = [{"from": "human", "value": "How many cats?"}, {"from": "gpt", "value": "5 cats."}]
-    ids = preprocess([source], real_qwen_tokenizer)["input_ids"][0].tolist()
-    ours = preprocess([source], real_qwen_tokenizer)["labels"][0].tolist()
-    seed = seed_labels(source, real_qwen_tokenizer, False, **SEED_QWEN)
-    (start, end), = find_trained_spans(ours)
-    assert real_qwen_tokenizer.decode(ids[start:end]) == "5 cats.<|endoftext|>"
-    (seed_start, seed_end), = find_trained_spans(seed)
-    assert seed_end == end and seed_start == start - 1
-    assert real_qwen_tokenizer.decode(ids[seed_start:start]) == " "
+    out = preprocess([source], tokenizer)
+    ids, labels = out["input_ids"][0].tolist(), out["labels"][0].tolist()
+    (start, end), = find_trained_spans(labels)
+    assert tokenizer.decode(ids[start - 1:start]).endswith(":")
+    assert tokenizer.decode(ids[start:start + 1], skip_special_tokens=False).strip() == ""
+    assert tokenizer.decode(ids[start + 1:end]).strip() == f"5 cats.{tokenizer.eos_token}"
 
 
 def test_seed_drops_a_sample_whose_answer_contains_the_role_separator(real_qwen_tokenizer):
