@@ -56,6 +56,10 @@ class ChatSession:
         else:
             self.image_prefix = DEFAULT_IMAGE_TOKEN + "\n"
         self.image_placed = False
+        # Vocabularies padded past the tokenizer (Qwen's, Phi-2's, StableLM-2's) have rows with no text; an
+        # undertrained model may still pick one, and the reply could not be decoded.
+        rows = model.get_output_embeddings().weight.shape[0]
+        self.suppress_tokens = list(range(len(tokenizer), rows)) or None
 
     def ask(self, message: str, streamer: Optional[TextStreamer] = None) -> str:
         if not self.image_placed:
@@ -78,6 +82,7 @@ class ChatSession:
                 streamer=streamer,
                 use_cache=True,
                 stopping_criteria=[stop],
+                suppress_tokens=self.suppress_tokens,
                 **sampling,
             )
         reply = self.decode_reply(output_ids[0, input_ids.shape[1]:])
