@@ -1,12 +1,12 @@
 """From a LLaVA-format conversation to `(input_ids, labels)`, exact for every tokenizer family.
 
 How the labels are found (DESIGN decision 1). The template renders the conversation as consecutive pieces,
-each marked as answer or not (`Conversation.render`); the answer pieces are each assistant message plus its
+each marked as answer or not (`Conversation.render`); an answer piece is exactly what the model must generate
+after the inference prompt "... ASSISTANT:": the separator after the role, the assistant message and its
 end-of-turn string. The whole prompt is tokenized once. The token index where an answer starts (or ends) is
 the length of the longest common prefix of the ids of the whole prompt and the ids of the text before that
 point: the tokens both tokenizations agree on belong to the text before, so a merge across the boundary
-(" A" swallowing the separator's space, say) lands on the answer side. No per-tokenizer `+1/-1` arithmetic
-is involved, so nothing can drift. Each span is then decoded and compared with the answer text; a sample
+lands on the answer side. No per-tokenizer `+1/-1` arithmetic is involved, so nothing can drift. Each span is then decoded and compared with the answer text; a sample
 that does not match, or that truncation leaves without labels, raises `LabelAlignmentError` with its id and
 the reason (the dataset counts these; nothing is silently zeroed).
 
