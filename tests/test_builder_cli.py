@@ -4,6 +4,7 @@ embeddings never shrunk) and the CLI (one --query in a subprocess, history witho
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -56,6 +57,18 @@ def test_dense_and_moe_load_by_model_type(dirs):
     assert [b.backend for b in moe_blocks(moe)] == ["native", "native"]
     reference = MoELLaVALlamaForCausalLM.from_pretrained(dirs["moe"]).eval()
     torch.testing.assert_close(logits_of(moe), logits_of(reference), rtol=0, atol=0)
+
+
+def test_moe_config_of_an_expert_parallel_run_loads_on_one_process(dirs, tmp_path):
+    folder = tmp_path / "ep2"
+    shutil.copytree(dirs["moe"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["moe"].update(ep_size=2, backend="deepspeed")
+    (folder / "config.json").write_text(json.dumps(config))
+    _, model, _, _ = load_pretrained_model(str(folder))
+    assert model.config.moe["ep_size"] == 1 and [b.backend for b in moe_blocks(model)] == ["native", "native"]
+    reference = MoELLaVALlamaForCausalLM.from_pretrained(dirs["moe"]).eval()
+    torch.testing.assert_close(logits_of(model), logits_of(reference), rtol=0, atol=0)
 
 
 def test_dtype_padding_side_and_bad_settings(dirs):

@@ -32,12 +32,16 @@ def set_moe_backend(config, backend: str) -> None:
     """Choose the dispatcher the MoE layers are built with (before constructing the model from `config`).
 
     Both backends hold the same parameters under the same names, so any MoE checkpoint loads on either.
+    The native backend keeps every expert in this process (a saved checkpoint holds all of them), so a
+    config written by an expert-parallel run loads with ep_size 1.
     """
     if backend not in BACKENDS:
         raise ValueError(f"Unknown MoE backend {backend!r}: use one of {BACKENDS}.")
     if not has_moe_layers(config):
         raise ValueError(f"config (model_type {config.model_type!r}) has no MoE layers to put on a backend.")
     config.moe = {**config.moe, "backend": backend}
+    if backend == "native":
+        config.moe["ep_size"] = 1
 
 
 class MoELlavaConfigMixin:
