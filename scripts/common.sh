@@ -1,6 +1,11 @@
 # Sourced by train_stage{1,2,3}.sh: the launcher and the flags every stage shares (MoE-LLaVA's recipe).
 # Every value can be overridden from the environment, e.g. `NUM_GPUS=4 BATCH=16 bash scripts/train_stage2.sh`.
 #
+#   FAMILY            whose recipe gives the defaults (base LLM, checkpoint names, template, stage-3 batch):
+#                     phi (default), qwen, stablelm, openchat, mistral, llama
+#   RUN_NAME          checkpoint name prefix: ./checkpoints/$RUN_NAME-{pretrain,finetune,finetune-moe}
+#                     (default: the family's, e.g. llavaphi-2.7b)
+#   DRY_RUN=1         print the command and exit without running it
 #   LAUNCHER          deepspeed (default), torchrun, or python (one process, no launcher)
 #   NUM_GPUS          processes on this machine (default: deepspeed/torchrun use every visible GPU; 1 for torchrun)
 #   MASTER_PORT       rendezvous port (default 29500)
@@ -14,6 +19,30 @@
 #   EXTRA_ARGS        appended verbatim to the train.py arguments (word-split)
 
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+# The original recipe of each family (MoE-LLaVA scripts/v1/<model>/). An empty RECIPE_VERSION leaves
+# `--version` to train.py, which takes the family's template from the checkpoint's model_type; OpenChat
+# is a Mistral model with its own template. RECIPE_MOE_BATCH/RECIPE_MOE_GRAD_ACC are stage 3's.
+FAMILY="${FAMILY:-phi}"
+RECIPE_VERSION=""
+RECIPE_MOE_BATCH=8
+RECIPE_MOE_GRAD_ACC=2
+case "$FAMILY" in
+    phi)      RECIPE_MODEL=microsoft/phi-2;             RECIPE_NAME=llavaphi-2.7b ;;
+    qwen)     RECIPE_MODEL=Qwen/Qwen-1_8B;              RECIPE_NAME=llavaqwen-1.8b ;;
+    stablelm) RECIPE_MODEL=stabilityai/stablelm-2-1_6b; RECIPE_NAME=llavastablelm-1.6b ;;
+    openchat) RECIPE_MODEL=openchat/openchat-3.5-1210;  RECIPE_NAME=llavaopenchat-7b
+              RECIPE_VERSION=openchat; RECIPE_MOE_BATCH=4; RECIPE_MOE_GRAD_ACC=4 ;;
+    mistral)  RECIPE_MODEL=mistralai/Mistral-7B-v0.1;   RECIPE_NAME=llavamistral-7b ;;
+    llama)    RECIPE_MODEL=lmsys/vicuna-7b-v1.5;        RECIPE_NAME=llavavicuna-7b ;;
+    *)
+        echo "FAMILY=$FAMILY has no recipe: use phi, qwen, stablelm, openchat, mistral or llama (for another" \
+             "LLM, take the closest and set MODEL, VERSION and OUTPUT_DIR)." >&2
+        exit 2
+        ;;
+esac
+RUN_NAME="${RUN_NAME:-$RECIPE_NAME}"
+
 LAUNCHER="${LAUNCHER:-deepspeed}"
 DEEPSPEED_CONFIG="${DEEPSPEED_CONFIG-$REPO_DIR/scripts/zero2.json}"
 BF16="${BF16:-True}"
@@ -55,7 +84,7 @@ if [[ -n "$DEEPSPEED_CONFIG" ]]; then
     COMMON_ARGS+=(--deepspeed "$DEEPSPEED_CONFIG")
 fi
 
-# launch ARGS...: print the command, then replace this shell with it.
+# launch ARGS...: print the command, then replace this shell with it (or stop there with DRY_RUN=1).
 launch() {
     local cmd
     case "$LAUNCHER" in
@@ -88,8 +117,12 @@ launch() {
     # EXTRA_ARGS is split into words on purpose.
     # shellcheck disable=SC2206
     cmd+=("$@" "${vision[@]}" ${EXTRA_ARGS:-})
+    printf '# FAMILY=%s RUN_NAME=%s\n' "$FAMILY" "$RUN_NAME"
     printf '+'
     printf ' %q' "${cmd[@]}"
     printf '\n'
+    if [[ "${DRY_RUN:-0}" != 0 ]]; then
+        exit 0
+    fi
     exec "${cmd[@]}"
 }

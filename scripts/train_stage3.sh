@@ -3,24 +3,26 @@
 # 4 experts, top-2); the experts, the routers and the projector train, on LLaVA-FT 665k + text-only data.
 # Writes a MoE checkpoint to $OUTPUT_DIR (loadable with moellava.model.builder.load_pretrained_model).
 #
-#   MODEL          stage 2's output                              default ./checkpoints/llava-phi2-finetune
-#   VERSION        conversation template                         default: the model family's
+#   MODEL          stage 2's output                              default ./checkpoints/$RUN_NAME-finetune
+#   VERSION        conversation template                         default: openchat for FAMILY=openchat, else the
+#                                                                model family's
 #   DATA_PATH      JSON file(s), space-separated                 default ft_json/llava_image_tune_.json ft_json/nlp_tune.json
 #   IMAGE_FOLDER                                                 default train_image_video
-#   OUTPUT_DIR                                                   default ./checkpoints/llava-phi2-finetune-moe
+#   OUTPUT_DIR                                                   default ./checkpoints/$RUN_NAME-finetune-moe
 #   MOE_MODE NUM_EXPERTS TOP_K CAPACITY_FACTOR USE_RESIDUAL AUX_COEF EP_SIZE
 #                                                                default sparse 4 2 1.5 False 0.01 1
 #   TRAIN_MODULES  parameter-name substrings that train          default: the family's FFN names + wg
-#   BATCH GRAD_ACC LR SAVE_STEPS WORKERS                         default 8 2 2e-5 24000 4
-# plus the shared variables of scripts/common.sh (NUM_GPUS, DEEPSPEED_CONFIG, IMAGE_TOWER, BF16, EXTRA_ARGS...).
+#   BATCH GRAD_ACC LR SAVE_STEPS WORKERS                         default 8 2 2e-5 24000 4 (openchat: 4 4 ...)
+# plus the shared variables of scripts/common.sh (FAMILY, RUN_NAME, NUM_GPUS, DEEPSPEED_CONFIG, IMAGE_TOWER, BF16,
+# EXTRA_ARGS, DRY_RUN...).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-MODEL="${MODEL:-./checkpoints/llava-phi2-finetune}"
-VERSION="${VERSION:-}"
+MODEL="${MODEL:-./checkpoints/$RUN_NAME-finetune}"
+VERSION="${VERSION:-$RECIPE_VERSION}"
 DATA_PATH="${DATA_PATH:-ft_json/llava_image_tune_.json ft_json/nlp_tune.json}"
 IMAGE_FOLDER="${IMAGE_FOLDER:-train_image_video}"
-OUTPUT_DIR="${OUTPUT_DIR:-./checkpoints/llava-phi2-finetune-moe}"
+OUTPUT_DIR="${OUTPUT_DIR:-./checkpoints/$RUN_NAME-finetune-moe}"
 MOE_MODE="${MOE_MODE:-sparse}"
 NUM_EXPERTS="${NUM_EXPERTS:-4}"
 TOP_K="${TOP_K:-2}"
@@ -29,8 +31,8 @@ USE_RESIDUAL="${USE_RESIDUAL:-False}"
 AUX_COEF="${AUX_COEF:-0.01}"
 EP_SIZE="${EP_SIZE:-1}"
 TRAIN_MODULES="${TRAIN_MODULES:-}"
-BATCH="${BATCH:-8}"
-GRAD_ACC="${GRAD_ACC:-2}"
+BATCH="${BATCH:-$RECIPE_MOE_BATCH}"
+GRAD_ACC="${GRAD_ACC:-$RECIPE_MOE_GRAD_ACC}"
 LR="${LR:-2e-5}"
 SAVE_STEPS="${SAVE_STEPS:-24000}"
 WORKERS="${WORKERS:-4}"
