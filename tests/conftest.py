@@ -8,6 +8,7 @@ reason, when that folder is absent.
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,30 @@ def real_phi2_tokenizer(real_tokenizer_dir):
     from moellava.tokenization import load_tokenizer
 
     return load_tokenizer(real_tokenizer_dir("phi2"))
+
+
+def free_port() -> int:
+    """A free TCP port on localhost (for process-group rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ds_group():
+    """A one-process gloo group initialised through DeepSpeed (what the deepspeed MoE backend needs),
+    torn down after the module; reused when one is already up."""
+    from deepspeed import comm as ds_comm
+
+    if ds_comm.is_initialized():
+        yield
+        return
+    import deepspeed
+
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        yield
+        ds_comm.destroy_process_group()

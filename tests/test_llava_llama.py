@@ -4,7 +4,6 @@ and without KV cache, loss fields, bad MoE settings."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -25,29 +24,6 @@ import tiny_llava
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TESTS_DIR)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def ds_group():
-    """A one-process gloo group initialised through DeepSpeed (what the deepspeed backend needs)."""
-    if ds_comm.is_initialized():
-        yield
-        return
-    import deepspeed
-
-    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-        yield
-        ds_comm.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

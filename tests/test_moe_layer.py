@@ -1,6 +1,5 @@
 """MoEBlock: routing semantics, native vs DeepSpeed parity, capacity dropping, aux-loss gradient, settings errors."""
 
-import socket
 
 import pytest
 import torch
@@ -15,29 +14,6 @@ from moellava.model.moe import MoEBlock
 
 HIDDEN = 32
 BACKENDS = ("native", "deepspeed")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def ds_group():
-    """A one-process gloo group initialised through DeepSpeed, torn down after this module."""
-    if ds_comm.is_initialized():
-        yield
-        return
-    import deepspeed
-
-    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-        yield
-        ds_comm.destroy_process_group()
 
 
 @pytest.fixture(params=BACKENDS)
@@ -310,7 +286,6 @@ def test_bad_settings_raise_with_the_fix(kwargs, message):
 def test_deepspeed_ep_size_must_divide_world_size(ds_group):
     with pytest.raises(ValueError, match=r"ep_size=2 does not divide the world size 1"):
         MoEBlock(HIDDEN, swiglu(), 4, backend="deepspeed", ep_size=2)
-
 
 
 class _Tiny(nn.Module):

@@ -3,7 +3,6 @@
 import copy
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -27,31 +26,10 @@ from moellava.model.moe import (
     routing_stats,
 )
 
+from conftest import free_port
+
 HIDDEN = 64
 PROJS = ("gate_proj", "up_proj", "down_proj")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def ds_group():
-    """A one-process gloo group initialised through DeepSpeed, torn down after this module."""
-    if ds_comm.is_initialized():
-        yield
-        return
-    import deepspeed
-
-    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-        yield
-        ds_comm.destroy_process_group()
 
 
 @pytest.fixture(params=("native", "deepspeed"))
@@ -212,7 +190,6 @@ def test_published_settings_without_backend_convert_to_native():
     model = tiny_llama()
     convert_layers_to_moe(model.model.layers, published, HIDDEN, upcycle=False)
     assert [(b.backend, b.num_experts, b.drop_tokens) for b in moe_blocks(model)] == [("native", 4, False)] * 2
-
 
 
 def test_expert_parallel_settings_load_on_one_device_with_the_native_backend():
@@ -393,7 +370,7 @@ def _ep_worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_two_process_expert_parallelism_matches_one_process(tmp_path):
-    mp.spawn(_ep_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_ep_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     prefix = "mlp.deepspeed_moe.experts.deepspeed_experts."
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")
