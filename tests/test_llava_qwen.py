@@ -20,6 +20,7 @@ from moellava.model.moe import MoEBlock, build_moe_settings, freeze_for_moe_trai
 from moellava.tokenization import FAMILIES, load_tokenizer
 from moellava.train.train import set_trainable
 
+import family_checks
 import tiny_llava
 from test_backbone_qwen import TINY as TINY_BACKBONE, write_official_checkpoint
 from test_llava_llama import saturate_routers
@@ -46,24 +47,13 @@ def backbone(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dense(backbone, tower):
-    model = LlavaQWenForCausalLM.from_pretrained(backbone)
-    model.get_model().initialize_vision_modules(tiny_llava.tiny_model_args(tower))
-    return model.eval()
-
-
-def upcycle(dense_model, **moe_kwargs):
-    model = MoELLaVAQWenForCausalLM(MoELLaVAQWenConfig.from_dict(dense_model.config.to_dict()))
-    model.load_state_dict(dense_model.state_dict())
-    model.initialize_moe_modules(build_moe_settings(model.config.num_hidden_layers, **moe_kwargs))
-    return model.eval()
+    return family_checks.llava_from_backbone(LlavaQWenForCausalLM, backbone, tower)
 
 
 def test_registration():
-    assert type(AutoConfig.for_model("llava_qwen")) is LlavaQWenConfig
-    assert type(AutoConfig.for_model("moe_llava_qwen")) is MoELLaVAQWenConfig
     fields = {k: v for k, v in TINY.items() if k not in ("model_type", "auto_map")}
-    assert type(AutoModelForCausalLM.from_config(LlavaQWenConfig(**fields))) is LlavaQWenForCausalLM
-    assert type(AutoModelForCausalLM.from_config(MoELLaVAQWenConfig(**fields))) is MoELLaVAQWenForCausalLM
+    family_checks.assert_registered(fields, ("llava_qwen", LlavaQWenConfig, LlavaQWenForCausalLM),
+                                    ("moe_llava_qwen", MoELLaVAQWenConfig, MoELLaVAQWenForCausalLM))
 
 
 @torch.no_grad()
@@ -84,15 +74,12 @@ def test_llava_starts_from_the_official_backbone_folder(tmp_path):
 @torch.no_grad()
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_upcycled_moe_gives_the_dense_logits(dense, top_k):
-    moe = upcycle(dense, num_experts=4, top_k_experts=top_k)
+    moe = family_checks.upcycle(MoELLaVAQWenForCausalLM, dense, num_experts=4, top_k_experts=top_k)
     assert [block.layer_idx for block in moe_blocks(moe)] == [0, 2]
     assert all(block.backend == "native" for block in moe_blocks(moe))
     if top_k == 1:
         saturate_routers(moe)  # a top-1 output is scaled by its router probability: make it 1
-    pixels = tiny_llava.random_pixels(1)
-    expected = dense(PROMPT, images=pixels).logits
-    assert expected.shape == (1, PROMPT.shape[1] - 1 + 16, TINY["vocab_size"])
-    torch.testing.assert_close(moe(PROMPT, images=pixels).logits, expected, rtol=1e-5, atol=1e-5)
+    family_checks.assert_moe_gives_dense_logits(moe, dense, PROMPT, TINY["vocab_size"])
 
 
 def save_with_tokenizer(model, folder, toy_tokenizer_dir):
@@ -131,35 +118,17 @@ def test_dense_and_stage3_checkpoints_round_trip(dense, tmp_path, toy_tokenizer_
 
 @torch.no_grad()
 def test_moe_generation_with_cache_equals_without(dense):
-    moe = upcycle(dense, num_experts=4, top_k_experts=2)
+    moe = family_checks.upcycle(MoELLaVAQWenForCausalLM, dense, num_experts=4, top_k_experts=2)
     tiny_llava.perturb_experts(moe)
-    pixels = tiny_llava.random_pixels(1)
-    kwargs = dict(images=pixels, do_sample=False, max_new_tokens=8, min_new_tokens=8)
-    cached = moe.generate(PROMPT, use_cache=True, **kwargs)
-    assert cached.shape == (1, PROMPT.shape[1] + 8)
-    assert torch.equal(cached, moe.generate(PROMPT, use_cache=False, **kwargs))
+    family_checks.assert_cached_generation_equals_uncached(moe, PROMPT)
 
 
 @torch.no_grad()
 def test_left_padded_batch_generation_matches_single_prompts(dense):
-    moe = upcycle(dense, num_experts=4, top_k_experts=2)
+    moe = family_checks.upcycle(MoELLaVAQWenForCausalLM, dense, num_experts=4, top_k_experts=2)
     tiny_llava.perturb_experts(moe)
     prompts = [PROMPT[0], torch.tensor([1, IMG, 7, 8])]
-    length = max(len(p) for p in prompts)
-    ids = torch.zeros((2, length), dtype=torch.long)
-    mask = torch.zeros((2, length), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, length - len(p):], mask[i, length - len(p):] = p, 1
-    pixels = tiny_llava.random_pixels(2)
-    kwargs = dict(do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
-    moe.config.tokenizer_padding_side = "left"
-    try:
-        batch = moe.generate(ids, attention_mask=mask, images=pixels, **kwargs)
-        singles = [moe.generate(p[None], images=pixels[i:i + 1], **kwargs) for i, p in enumerate(prompts)]
-    finally:
-        moe.config.tokenizer_padding_side = None
-    for i, single in enumerate(singles):
-        assert batch[i, length:].tolist() == single[0, len(prompts[i]):].tolist()
+    family_checks.assert_left_padded_batch_generation_matches_singles(moe, prompts)
 
 
 def test_published_moe_llava_qwen_config_fields_load(tower, tmp_path):
@@ -213,7 +182,7 @@ def test_published_moe_llava_qwen_config_fields_load(tower, tmp_path):
 
 
 def test_family_train_modules_freeze_ffns_and_routers_only(dense):
-    moe = upcycle(dense, num_experts=4, top_k_experts=2)
+    moe = family_checks.upcycle(MoELLaVAQWenForCausalLM, dense, num_experts=4, top_k_experts=2)
     trainable = set(freeze_for_moe_training(moe, QWEN_TRAIN_MODULES))
     assert trainable == {name for name, p in moe.named_parameters() if p.requires_grad}
     # Every FFN weight trains (experts and the dense FFN of layer 1, as the original's substring match did),
@@ -235,7 +204,7 @@ def test_family_train_modules_freeze_ffns_and_routers_only(dense):
 
 
 def test_stage3_checkpoint_keeps_the_official_backbone_names(dense, tmp_path):
-    moe = upcycle(dense, num_experts=4, moe_mode="sparse", top_k_experts=2)
+    moe = family_checks.upcycle(MoELLaVAQWenForCausalLM, dense, num_experts=4, moe_mode="sparse", top_k_experts=2)
     moe.save_pretrained(tmp_path, safe_serialization=True)
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())

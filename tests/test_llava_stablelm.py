@@ -2,8 +2,6 @@
 (both config formats), upcycled MoE == dense, stage-3 save/load round trip, cached generation, and the field
 names of the published MoE-LLaVA-StableLM config."""
 
-import json
-
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -12,8 +10,9 @@ from moellava.constants import IMAGE_TOKEN_INDEX as IMG
 from moellava.model.language_model.llava_stablelm import LlavaStablelmConfig, LlavaStablelmForCausalLM
 from moellava.model.language_model.llava_stablelm_moe import MoELLaVAStablelmConfig, MoELLaVAStablelmForCausalLM
 from moellava.model.language_model.stablelm import StableLmForCausalLM
-from moellava.model.moe import MoEBlock, build_moe_settings, moe_blocks
+from moellava.model.moe import MoEBlock, moe_blocks
 
+import family_checks
 import tiny_llava
 from test_backbone_stablelm import TINY, TINY_EPOCH, write_official_folder
 
@@ -34,24 +33,13 @@ def backbone(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dense(backbone, tower):
-    model = LlavaStablelmForCausalLM.from_pretrained(backbone)
-    model.get_model().initialize_vision_modules(tiny_llava.tiny_model_args(tower))
-    return model.eval()
-
-
-def upcycle(dense_model, **moe_kwargs):
-    model = MoELLaVAStablelmForCausalLM(MoELLaVAStablelmConfig.from_dict(dense_model.config.to_dict()))
-    model.load_state_dict(dense_model.state_dict())
-    model.initialize_moe_modules(build_moe_settings(model.config.num_hidden_layers, **moe_kwargs))
-    return model.eval()
+    return family_checks.llava_from_backbone(LlavaStablelmForCausalLM, backbone, tower)
 
 
 def test_registration():
-    assert type(AutoConfig.for_model("llava_stablelm")) is LlavaStablelmConfig
-    assert type(AutoConfig.for_model("moe_llava_stablelm")) is MoELLaVAStablelmConfig
     fields = {k: v for k, v in TINY.items() if k != "model_type"}
-    assert type(AutoModelForCausalLM.from_config(LlavaStablelmConfig(**fields))) is LlavaStablelmForCausalLM
-    assert type(AutoModelForCausalLM.from_config(MoELLaVAStablelmConfig(**fields))) is MoELLaVAStablelmForCausalLM
+    family_checks.assert_registered(fields, ("llava_stablelm", LlavaStablelmConfig, LlavaStablelmForCausalLM),
+                                    ("moe_llava_stablelm", MoELLaVAStablelmConfig, MoELLaVAStablelmForCausalLM))
 
 
 @torch.no_grad()
@@ -71,50 +59,22 @@ def test_llava_starts_from_the_official_backbone_folder(tmp_path, config_dict):
 
 @torch.no_grad()
 def test_upcycled_moe_gives_the_dense_logits(dense):
-    moe = upcycle(dense, num_experts=4, top_k_experts=2)
+    moe = family_checks.upcycle(MoELLaVAStablelmForCausalLM, dense, num_experts=4, top_k_experts=2)
     assert [block.layer_idx for block in moe_blocks(moe)] == [0]
-    pixels = tiny_llava.random_pixels(1)
-    expected = dense(PROMPT, images=pixels).logits
-    assert expected.shape == (1, PROMPT.shape[1] - 1 + 16, TINY["vocab_size"])
-    torch.testing.assert_close(moe(PROMPT, images=pixels).logits, expected, rtol=1e-5, atol=1e-5)
+    family_checks.assert_moe_gives_dense_logits(moe, dense, PROMPT, TINY["vocab_size"])
 
 
-@torch.no_grad()
 def test_dense_and_stage3_checkpoints_round_trip(dense, tmp_path):
-    pixels = tiny_llava.random_pixels(1)
-    stage2 = tmp_path / "stage2"
-    dense.save_pretrained(stage2)
-    assert json.loads((stage2 / "config.json").read_text())["model_type"] == "llava_stablelm"
-    reloaded, info = AutoModelForCausalLM.from_pretrained(stage2, output_loading_info=True)
-    assert type(reloaded) is LlavaStablelmForCausalLM and info["missing_keys"] == []
-    torch.testing.assert_close(reloaded.eval()(PROMPT, images=pixels).logits, dense(PROMPT, images=pixels).logits,
-                               rtol=0, atol=0)
-
-    model = MoELLaVAStablelmForCausalLM.from_pretrained(stage2).eval()
-    model.initialize_moe_modules(build_moe_settings(2, num_experts=4, moe_mode="dense", top_k_experts=2,
-                                                    train_modules=["gate_proj", "up_proj", "down_proj", "wg"]))
-    tiny_llava.perturb_experts(model)  # experts and routers that differ, so the round trip is meaningful
-    before = model(PROMPT, images=pixels).logits
-    stage3 = tmp_path / "stage3"
-    model.save_pretrained(stage3)
-    config = json.loads((stage3 / "config.json").read_text())
-    assert config["model_type"] == "moe_llava_stablelm" and config["moe"]["moe_layers_idx"] == [0, 1]
-    loaded, info = AutoModelForCausalLM.from_pretrained(stage3, output_loading_info=True)
-    assert type(loaded) is MoELLaVAStablelmForCausalLM
-    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
-    assert all(isinstance(layer.mlp, MoEBlock) for layer in loaded.get_decoder_layers())
-    torch.testing.assert_close(loaded.eval()(PROMPT, images=pixels).logits, before, rtol=0, atol=0)
+    family_checks.assert_dense_and_stage3_checkpoints_round_trip(
+        dense, MoELLaVAStablelmForCausalLM, "llava_stablelm", tmp_path, PROMPT,
+        train_modules=["gate_proj", "up_proj", "down_proj", "wg"], moe_layers_idx=[0, 1])
 
 
 @torch.no_grad()
 def test_moe_generation_with_cache_equals_without(dense):
-    moe = upcycle(dense, num_experts=4, top_k_experts=2)
+    moe = family_checks.upcycle(MoELLaVAStablelmForCausalLM, dense, num_experts=4, top_k_experts=2)
     tiny_llava.perturb_experts(moe)
-    pixels = tiny_llava.random_pixels(1)
-    kwargs = dict(images=pixels, do_sample=False, max_new_tokens=8, min_new_tokens=8)
-    cached = moe.generate(PROMPT, use_cache=True, **kwargs)
-    assert cached.shape == (1, PROMPT.shape[1] + 8)
-    assert torch.equal(cached, moe.generate(PROMPT, use_cache=False, **kwargs))
+    family_checks.assert_cached_generation_equals_uncached(moe, PROMPT)
 
 
 def test_published_moe_llava_stablelm_config_fields_load():

@@ -1,0 +1,108 @@
+"""Set-up and checks shared by the per-family test files (test_llava_<family>.py, test_backbone_<family>.py).
+
+Each family file keeps its own test functions and calls these for the parts that are the same in every family;
+the assertions live here once, with the tolerances the family tests used.
+"""
+
+import json
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from moellava.model.moe import MoEBlock, build_moe_settings
+
+import tiny_llava
+
+# The tiny CLIP tower (32 px, patch 8) gives 16 patch features, each one image token in the LLaVA sequence.
+NUM_IMAGE_TOKENS = 16
+
+
+def llava_from_backbone(llava_class, backbone_dir, tower_dir):
+    """A dense LLaVA model loaded from an official backbone folder, with the tiny tower attached (eval mode)."""
+    model = llava_class.from_pretrained(backbone_dir)
+    model.get_model().initialize_vision_modules(tiny_llava.tiny_model_args(tower_dir))
+    return model.eval()
+
+
+def upcycle(moe_class, dense_model, **moe_kwargs):
+    """A MoE copy of `dense_model` (stage 3): experts upcycled from its FFNs; `moe_kwargs` go to
+    `build_moe_settings`."""
+    model = moe_class(moe_class.config_class.from_dict(dense_model.config.to_dict()))
+    model.load_state_dict(dense_model.state_dict())
+    model.initialize_moe_modules(build_moe_settings(model.config.num_hidden_layers, **moe_kwargs))
+    return model.eval()
+
+
+def assert_registered(fields, *registrations):
+    """Each `(model_type, config_class, model_class)`: the Auto classes resolve the type and the config to them."""
+    for model_type, config_class, model_class in registrations:
+        assert type(AutoConfig.for_model(model_type)) is config_class
+        assert type(AutoModelForCausalLM.from_config(config_class(**fields))) is model_class
+
+
+def assert_moe_gives_dense_logits(moe, dense, prompt, vocab_size):
+    """The upcycled model reproduces the dense logits over the image-spliced sequence."""
+    pixels = tiny_llava.random_pixels(1)
+    expected = dense(prompt, images=pixels).logits
+    assert expected.shape == (1, prompt.shape[1] - 1 + NUM_IMAGE_TOKENS, vocab_size)
+    torch.testing.assert_close(moe(prompt, images=pixels).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def assert_cached_generation_equals_uncached(model, prompt):
+    """Greedy generation of 8 tokens for one image prompt is the same with and without the KV cache."""
+    pixels = tiny_llava.random_pixels(1)
+    kwargs = dict(images=pixels, do_sample=False, max_new_tokens=8, min_new_tokens=8)
+    cached = model.generate(prompt, use_cache=True, **kwargs)
+    assert cached.shape == (1, prompt.shape[1] + 8)
+    assert torch.equal(cached, model.generate(prompt, use_cache=False, **kwargs))
+
+
+def assert_left_padded_batch_generation_matches_singles(model, prompts):
+    """Greedy generation for a left-padded batch of image prompts (1-D id tensors) gives each prompt's own
+    continuation."""
+    length = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), length), dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, length - len(p):], mask[i, length - len(p):] = p, 1
+    pixels = tiny_llava.random_pixels(len(prompts))
+    kwargs = dict(do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
+    model.config.tokenizer_padding_side = "left"
+    try:
+        batch = model.generate(ids, attention_mask=mask, images=pixels, **kwargs)
+        singles = [model.generate(p[None], images=pixels[i:i + 1], **kwargs) for i, p in enumerate(prompts)]
+    finally:
+        model.config.tokenizer_padding_side = None
+    for i, single in enumerate(singles):
+        assert batch[i, length:].tolist() == single[0, len(prompts[i]):].tolist()
+
+
+@torch.no_grad()
+def assert_dense_and_stage3_checkpoints_round_trip(dense, moe_class, model_type, folder, prompt, train_modules,
+                                                   moe_layers_idx):
+    """A stage-2 (dense) checkpoint of type `model_type` reloads through AutoModelForCausalLM with the same
+    logits; a dense-mode MoE built on it, with perturbed experts, saves as a "moe_" + `model_type` stage-3
+    checkpoint that reloads exactly too."""
+    pixels = tiny_llava.random_pixels(1)
+    stage2 = folder / "stage2"
+    dense.save_pretrained(stage2)
+    assert json.loads((stage2 / "config.json").read_text())["model_type"] == model_type
+    reloaded, info = AutoModelForCausalLM.from_pretrained(stage2, output_loading_info=True)
+    assert type(reloaded) is type(dense) and info["missing_keys"] == []
+    torch.testing.assert_close(reloaded.eval()(prompt, images=pixels).logits, dense(prompt, images=pixels).logits,
+                               rtol=0, atol=0)
+
+    model = moe_class.from_pretrained(stage2).eval()
+    model.initialize_moe_modules(build_moe_settings(model.config.num_hidden_layers, num_experts=4,
+                                                    moe_mode="dense", top_k_experts=2, train_modules=train_modules))
+    tiny_llava.perturb_experts(model)  # experts and routers that differ, so the round trip is meaningful
+    before = model(prompt, images=pixels).logits
+    stage3 = folder / "stage3"
+    model.save_pretrained(stage3)
+    config = json.loads((stage3 / "config.json").read_text())
+    assert config["model_type"] == "moe_" + model_type and config["moe"]["moe_layers_idx"] == moe_layers_idx
+    loaded, info = AutoModelForCausalLM.from_pretrained(stage3, output_loading_info=True)
+    assert type(loaded) is moe_class
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    assert all(isinstance(layer.mlp, MoEBlock) for layer in loaded.get_decoder_layers())
+    torch.testing.assert_close(loaded.eval()(prompt, images=pixels).logits, before, rtol=0, atol=0)
