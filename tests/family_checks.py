@@ -4,14 +4,115 @@ Each family file keeps its own test functions and calls these for the parts that
 the assertions live here once, with the tolerances the family tests used.
 """
 
+import copy
 import json
 
 import torch
+from safetensors.torch import save_file
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moellava.model.moe import MoEBlock, build_moe_settings
 
 import tiny_llava
+
+# ----------------------------------------------------------------------------------------------- backbones
+
+
+def write_official_folder(folder, config_dict, state):
+    """An official-layout model folder: `config_dict` as config.json and `state` as model.safetensors."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config_dict, indent=2))
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return state
+
+
+def pad_batch(samples, side):
+    """1-D id tensors padded with 0 to the longest on `side` ("left" or "right"): `(ids, attention_mask)`."""
+    width = max(len(s) for s in samples)
+    ids = torch.zeros(len(samples), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, sample in enumerate(samples):
+        span = slice(width - len(sample), width) if side == "left" else slice(0, len(sample))
+        ids[row, span], mask[row, span] = sample, 1
+    return ids, mask
+
+
+def logits_through_cache(model, ids, chunk_sizes):
+    """`ids` fed in chunks of `chunk_sizes` through the KV cache (all-ones mask so far): `(logits, past)`."""
+    past, start, pieces = None, 0, []
+    for size in chunk_sizes:
+        mask = torch.ones(ids.shape[0], start + size, dtype=torch.long)
+        out = model(ids[:, start : start + size], attention_mask=mask, past_key_values=past, use_cache=True)
+        past, start = out.past_key_values, start + size
+        pieces.append(out.logits)
+    return torch.cat(pieces, dim=1), past
+
+
+def greedy_by_full_forwards(model, prompt, steps):
+    """Greedy decoding of a [1, T] prompt recomputed from scratch (no cache) for `steps` tokens."""
+    seq = prompt
+    for _ in range(steps):
+        seq = torch.cat([seq, model(seq).logits[:, -1:].argmax(-1)], dim=1)
+    return seq
+
+
+def assert_mlp_is_the_only_ffn(model, ids, num_layers):
+    """Wrapping each decoder layer's `mlp` changes nothing and each wrapper runs once per forward: swapping
+    `mlp` for a MoE block is all a conversion needs."""
+    expected = model(ids).logits
+
+    class Recording(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.calls = inner, 0
+
+        def forward(self, hidden_states):
+            self.calls += 1
+            return self.inner(hidden_states)
+
+    for layer in model.get_decoder_layers():
+        layer.mlp = Recording(layer.mlp)
+    torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)
+    assert [layer.mlp.calls for layer in model.get_decoder_layers()] == [1] * num_layers
+
+
+def assert_gradient_checkpointing_changes_nothing(model, ids, labels):
+    """A checkpointed copy of `model` (train mode, no dropout) gives the same loss and grads; returns the loss."""
+
+    def loss_and_grads(m):
+        m.zero_grad()
+        loss = m(ids, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    plain_loss, plain_grads = loss_and_grads(model)
+    checkpointed = copy.deepcopy(model)
+    checkpointed.gradient_checkpointing_enable()
+    assert checkpointed.model.gradient_checkpointing
+    ckpt_loss, ckpt_grads = loss_and_grads(checkpointed)
+    torch.testing.assert_close(ckpt_loss, plain_loss, rtol=0, atol=0)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, rtol=0, atol=1e-6, msg=name)
+    assert all(g.abs().sum() > 0 for g in plain_grads.values())
+    return plain_loss
+
+
+def assert_half_precision_forward_close(model, ids, dtype):
+    """A `dtype` copy of `model` keeps its cache in `dtype` and its logits (the second row left-padded by 3)
+    within 5% of the fp32 range."""
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    reference = model(ids, attention_mask=mask).logits
+    half = copy.deepcopy(model).to(dtype)
+    out = half(ids, attention_mask=mask, use_cache=True)
+    assert out.past_key_values[0][0].dtype == dtype
+    real = mask.bool()
+    error = (out.logits.float() - reference).abs()[real].max()
+    assert error < 0.05 * reference[real].abs().max(), (dtype, error)
+
+
+# ----------------------------------------------------------------------------------------------- LLaVA
 
 # The tiny CLIP tower (32 px, patch 8) gives 16 patch features, each one image token in the LLaVA sequence.
 NUM_IMAGE_TOKENS = 16
@@ -60,11 +161,8 @@ def assert_cached_generation_equals_uncached(model, prompt):
 def assert_left_padded_batch_generation_matches_singles(model, prompts):
     """Greedy generation for a left-padded batch of image prompts (1-D id tensors) gives each prompt's own
     continuation."""
-    length = max(len(p) for p in prompts)
-    ids = torch.zeros((len(prompts), length), dtype=torch.long)
-    mask = torch.zeros((len(prompts), length), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, length - len(p):], mask[i, length - len(p):] = p, 1
+    ids, mask = pad_batch(prompts, "left")
+    length = ids.shape[1]
     pixels = tiny_llava.random_pixels(len(prompts))
     kwargs = dict(do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
     model.config.tokenizer_padding_side = "left"

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -27,6 +26,8 @@ from moellava.model.language_model.common import (
 )
 from moellava.model.language_model.qwen import QWenConfig, QWenLMHeadModel
 from moellava.model.language_model.qwen.modeling_qwen import qwen_logn_scale, qwen_ntk_alpha
+
+import family_checks
 
 OFFICIAL = Path("/work/shared/reference/official")
 
@@ -114,10 +115,7 @@ def write_official_checkpoint(folder: Path, cfg: dict, seed: int = 0) -> dict:
     tensors = {}
     for name, shape in official_shapes(cfg).items():
         tensors[name] = torch.randn(shape, generator=gen) * 0.1 + (1.0 if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else 0.0)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    return tensors
+    return family_checks.write_official_folder(folder, cfg, tensors)
 
 
 @pytest.fixture(scope="module")
@@ -272,13 +270,8 @@ def test_kv_cache_token_by_token_and_chunked_equal_full_forward(model):
     x = inputs(length=10)
     full = model(x).logits
     for chunks in ([1] * 10, [3, 4, 1, 2]):
-        past, start, pieces = None, 0, []
-        for size in chunks:
-            mask = torch.ones(x.shape[0], start + size, dtype=torch.long)
-            out = model(x[:, start : start + size], attention_mask=mask, past_key_values=past, use_cache=True)
-            past, start = out.past_key_values, start + size
-            pieces.append(out.logits)
-        assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5), chunks
+        logits, past = family_checks.logits_through_cache(model, x, chunks)
+        assert torch.allclose(logits, full, atol=1e-5), chunks
     assert len(past) == 3 and past[0][0].shape == (2, 4, 10, 16)
 
 
@@ -286,12 +279,7 @@ def test_kv_cache_token_by_token_and_chunked_equal_full_forward(model):
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_batch_matches_each_sample_alone(model, side):
     samples = [inputs(1, 9, seed=2)[0], inputs(1, 4, seed=3)[0], inputs(1, 7, seed=4)[0]]
-    width = max(len(s) for s in samples)
-    ids = torch.zeros(len(samples), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, s in enumerate(samples):
-        cols = slice(width - len(s), width) if side == "left" else slice(0, len(s))
-        ids[row, cols], mask[row, cols] = s, 1
+    ids, mask = family_checks.pad_batch(samples, side)
     batched = model(ids, attention_mask=mask).logits
     assert torch.isfinite(batched).all()
     for row, s in enumerate(samples):
@@ -302,18 +290,13 @@ def test_padded_batch_matches_each_sample_alone(model, side):
 @torch.no_grad()
 def test_greedy_generation_of_a_left_padded_batch_matches_each_prompt_alone(model):
     prompts = [inputs(1, 6, seed=5)[0], inputs(1, 3, seed=6)[0]]
-    ids = torch.zeros(2, 6, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):
-        ids[row, 6 - len(p) :], mask[row, 6 - len(p) :] = p, 1
+    ids, mask = family_checks.pad_batch(prompts, "left")
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
     batched = model.generate(ids, attention_mask=mask, **kwargs)
     for row, p in enumerate(prompts):
         alone = model.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), **kwargs)
         assert torch.equal(batched[row, 6:], alone[0, len(p) :])
-    seq = prompts[0][None]
-    for _ in range(6):
-        seq = torch.cat([seq, model(seq).logits[:, -1:].argmax(-1)], dim=1)
+    seq = family_checks.greedy_by_full_forwards(model, prompts[0][None], 6)
     assert torch.equal(seq[0, 6:], batched[0, 6:])
 
 

@@ -2,7 +2,6 @@
 a plain-torch reference forward, KV cache, padding, generation, gradient checkpointing, half precision.
 Parity against transformers' own StableLM is checked by tools/parity/run_parity.py (another environment)."""
 
-import copy
 import json
 import math
 from pathlib import Path
@@ -11,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moellava.model.language_model.stablelm import (
@@ -21,6 +19,8 @@ from moellava.model.language_model.stablelm import (
     StableLmForCausalLM,
 )
 from moellava.model.language_model.stablelm.modeling_stablelm import StableLmLayerNormPerHead
+
+import family_checks
 
 OFFICIAL = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "official" / "stablelm-2-1_6b"
 
@@ -134,11 +134,7 @@ def official_state_dict(config_dict, seed=0):
 
 
 def write_official_folder(folder, config_dict, seed=0):
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config_dict, indent=2))
-    state = official_state_dict(config_dict, seed)
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    return state
+    return family_checks.write_official_folder(folder, config_dict, official_state_dict(config_dict, seed))
 
 
 def tiny_model(seed=0, **overrides):
@@ -339,18 +335,10 @@ def test_kv_cache_matches_full_forward(overrides):
     ids = random_ids((2, 12))
     mask = torch.ones_like(ids)
     full = model(ids, attention_mask=mask, use_cache=False).logits
-    # token by token
-    past, steps = None, []
-    for t in range(ids.shape[1]):
-        out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=past, use_cache=True)
-        past, steps = out.past_key_values, steps + [out.logits]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
-    # chunked: 5 + 4 + 3
-    past, chunks = None, []
-    for start, end in ((0, 5), (5, 9), (9, 12)):
-        out = model(ids[:, start:end], attention_mask=mask[:, :end], past_key_values=past, use_cache=True)
-        past, chunks = out.past_key_values, chunks + [out.logits]
-    torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=0, atol=1e-5)
+    steps, _ = family_checks.logits_through_cache(model, ids, [1] * ids.shape[1])  # token by token
+    torch.testing.assert_close(steps, full, rtol=0, atol=1e-5)
+    chunks, past = family_checks.logits_through_cache(model, ids, [5, 4, 3])
+    torch.testing.assert_close(chunks, full, rtol=0, atol=1e-5)
     kv_heads = model.config.num_key_value_heads
     assert len(past) == TINY["num_hidden_layers"]
     assert past[0][0].shape == (2, kv_heads, 12, TINY["hidden_size"] // TINY["num_attention_heads"])
@@ -361,12 +349,7 @@ def test_kv_cache_matches_full_forward(overrides):
 def test_padded_batch_matches_each_sample_alone(side):
     model = tiny_model()
     samples = [random_ids((9,), seed=2), random_ids((5,), seed=3), random_ids((7,), seed=4)]
-    width = max(len(s) for s in samples)
-    ids = torch.zeros(len(samples), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, sample in enumerate(samples):
-        span = slice(width - len(sample), width) if side == "left" else slice(0, len(sample))
-        ids[row, span], mask[row, span] = sample, 1
+    ids, mask = family_checks.pad_batch(samples, side)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     batch = model(ids, attention_mask=mask, position_ids=positions).logits
     for row, sample in enumerate(samples):
@@ -378,10 +361,7 @@ def test_padded_batch_matches_each_sample_alone(side):
 def test_greedy_generation_of_a_left_padded_batch_matches_each_prompt_alone():
     model = tiny_model()
     prompts = [random_ids((8,), seed=5), random_ids((4,), seed=6)]
-    ids = torch.zeros(2, 8, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, 8 - len(prompt):], mask[row, 8 - len(prompt):] = prompt, 1
+    ids, mask = family_checks.pad_batch(prompts, "left")
     # No end-of-sequence stop, so every sequence gets 6 new tokens. (4.31 ignores eos_token_id=None passed to
     # generate() and rebuilds the generation config from the model config, hence both.)
     model.config.eos_token_id = model.generation_config.eos_token_id = None
@@ -392,9 +372,7 @@ def test_greedy_generation_of_a_left_padded_batch_matches_each_prompt_alone():
         alone = model.generate(input_ids=prompt[None], attention_mask=torch.ones(1, len(prompt)), **kwargs)
         assert torch.equal(batch[row], alone[0, len(prompt):])
     # Greedy from the cache equals argmax of full forwards.
-    seq = prompts[0][None]
-    for _ in range(6):
-        seq = torch.cat([seq, model(seq).logits[:, -1:].argmax(-1)], dim=1)
+    seq = family_checks.greedy_by_full_forwards(model, prompts[0][None], 6)
     assert torch.equal(batch[0], seq[0, 8:])
 
 
@@ -409,23 +387,7 @@ def test_inputs_embeds_equal_input_ids():
 
 @torch.no_grad()
 def test_replacing_mlp_is_all_a_moe_conversion_needs():
-    model = tiny_model()
-    ids = random_ids((2, 6))
-    expected = model(ids).logits
-
-    class Recording(nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner, self.calls = inner, 0
-
-        def forward(self, hidden_states):
-            self.calls += 1
-            return self.inner(hidden_states)
-
-    for layer in model.get_decoder_layers():
-        layer.mlp = Recording(layer.mlp)
-    torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)
-    assert [layer.mlp.calls for layer in model.get_decoder_layers()] == [1] * TINY["num_hidden_layers"]
+    family_checks.assert_mlp_is_the_only_ffn(tiny_model(), random_ids((2, 6)), TINY["num_hidden_layers"])
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -436,22 +398,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_grads():
     ids = random_ids((2, 10))
     labels = ids.clone()
     labels[:, :3] = -100
-
-    def loss_and_grads(m):
-        m.zero_grad()
-        loss = m(ids, labels=labels).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
-
-    plain_loss, plain_grads = loss_and_grads(model)
-    checkpointed = copy.deepcopy(model)
-    checkpointed.gradient_checkpointing_enable()
-    assert checkpointed.model.gradient_checkpointing
-    ckpt_loss, ckpt_grads = loss_and_grads(checkpointed)
-    torch.testing.assert_close(ckpt_loss, plain_loss, rtol=0, atol=0)
-    for name, grad in plain_grads.items():
-        torch.testing.assert_close(ckpt_grads[name], grad, rtol=0, atol=1e-6, msg=name)
-    assert all(g.abs().sum() > 0 for g in plain_grads.values())
+    plain_loss = family_checks.assert_gradient_checkpointing_changes_nothing(model, ids, labels)
     # The loss is next-token cross entropy over the unmasked labels.
     logits = model(ids).logits
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
@@ -462,13 +409,4 @@ def test_gradient_checkpointing_gives_the_same_loss_and_grads():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_forward_is_close_to_fp32(dtype):
     model = tiny_model()
-    ids = random_ids((2, 8))
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    reference = model(ids, attention_mask=mask).logits
-    half = copy.deepcopy(model).to(dtype)
-    out = half(ids, attention_mask=mask, use_cache=True)
-    assert out.past_key_values[0][0].dtype == dtype
-    real = mask.bool()
-    error = (out.logits.float() - reference).abs()[real].max()
-    assert error < 0.05 * reference[real].abs().max(), (dtype, error)
+    family_checks.assert_half_precision_forward_close(model, random_ids((2, 8)), dtype)

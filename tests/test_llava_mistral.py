@@ -2,11 +2,8 @@
 upcycled MoE == dense, stage-3 save/load round trip, cached generation and left-padded batches with a sliding
 window shorter than the spliced sequence (16 image tokens + text)."""
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from moellava.constants import IMAGE_TOKEN_INDEX as IMG
 from moellava.model.language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
@@ -25,11 +22,7 @@ PROMPT = torch.tensor([[1, 5, 6, IMG, 7, 8, 9, 10]])
 
 
 def write_official_folder(folder, config_dict, seed=0):
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config_dict, indent=2))
-    state = official_state_dict(config_dict, seed)
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    return state
+    return family_checks.write_official_folder(folder, config_dict, official_state_dict(config_dict, seed))
 
 
 @pytest.fixture(scope="module")
