@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from moellava.model.language_model.mistral import MistralConfig, MistralForCausalLM
@@ -152,9 +151,7 @@ def test_state_dict_keys_are_the_official_names():
 
 
 def test_from_pretrained_loads_the_official_layout(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(TINY))
-    state = official_state_dict(TINY)
-    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    state = family_checks.write_official_folder(tmp_path, TINY, official_state_dict(TINY))
     model, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert type(model) is MistralForCausalLM
     assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and info["mismatched_keys"] == []
@@ -166,10 +163,9 @@ def test_from_pretrained_loads_the_official_layout(tmp_path):
 
 @torch.no_grad()
 def test_a_stored_rotary_buffer_is_ignored(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(TINY))
     state = official_state_dict(TINY)
     state["model.layers.1.self_attn.rotary_emb.inv_freq"] = torch.rand(8)
-    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    family_checks.write_official_folder(tmp_path, TINY, state)
     model, info = MistralForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert info["missing_keys"] == [] and info["unexpected_keys"] == []
     assert "model.layers.1.self_attn.rotary_emb.inv_freq" not in model.state_dict()
