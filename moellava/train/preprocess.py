@@ -147,7 +147,8 @@ def tokenize_pieces(
 
     if not any(label != IGNORE_INDEX for label in labels):
         raise LabelAlignmentError(sample_id, "the conversation has no assistant answer to train on", "no_labels")
-    if max_length is not None and len(input_ids) > max_length:
+    full_length = len(input_ids)
+    if max_length is not None and full_length > max_length:
         dropped_images = input_ids[max_length:].count(IMAGE_TOKEN_INDEX)
         input_ids, labels = input_ids[:max_length], labels[:max_length]
         if dropped_images:
@@ -161,7 +162,7 @@ def tokenize_pieces(
             raise LabelAlignmentError(
                 sample_id,
                 f"truncation to model_max_length={max_length} removes every answer token "
-                f"({len(tokenize(text))} tokens); raise --model_max_length or shorten the sample",
+                f"({full_length} tokens); raise --model_max_length or shorten the sample",
                 "truncated",
             )
     return input_ids, labels
