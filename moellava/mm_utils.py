@@ -27,19 +27,22 @@ def expand2square(image: Image.Image, background_color) -> Image.Image:
     return result
 
 
+def preprocess_image(image: Image.Image, image_processor, image_aspect_ratio: Optional[str]) -> torch.Tensor:
+    """One PIL image as the model sees it, in training and at inference alike: padded to square with the
+    processor's mean colour when `image_aspect_ratio == 'pad'`, then the processor's resize/crop/normalise."""
+    if image_aspect_ratio == "pad":
+        image = expand2square(image, tuple(int(x * 255) for x in image_processor.image_mean))
+    return image_processor.preprocess(image, return_tensors="pt")["pixel_values"][0]
+
+
 def process_images(images: Sequence[Image.Image], image_processor, model_cfg):
-    """Preprocess PIL images as the checkpoint was trained: padded to square when
-    `model_cfg.image_aspect_ratio == 'pad'`, else the processor's own resize/crop."""
-    if getattr(model_cfg, "image_aspect_ratio", None) == "pad":
-        background = tuple(int(x * 255) for x in image_processor.image_mean)
-        tensors = [
-            image_processor.preprocess(expand2square(image, background), return_tensors="pt")["pixel_values"][0]
-            for image in images
-        ]
-        if all(t.shape == tensors[0].shape for t in tensors):
-            return torch.stack(tensors, dim=0)
-        return tensors
-    return image_processor(images, return_tensors="pt")["pixel_values"]
+    """Preprocess PIL images as the checkpoint was trained (`model_cfg.image_aspect_ratio`); stacked when
+    they share a shape, else a list."""
+    aspect = getattr(model_cfg, "image_aspect_ratio", None)
+    tensors = [preprocess_image(image, image_processor, aspect) for image in images]
+    if all(t.shape == tensors[0].shape for t in tensors):
+        return torch.stack(tensors, dim=0)
+    return tensors
 
 
 def tokenizer_image_token(prompt: str, tokenizer, image_token_index: int = IMAGE_TOKEN_INDEX, return_tensors=None):

@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from moellava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from moellava.mm_utils import expand2square
+from moellava.mm_utils import preprocess_image
 from moellava.train.preprocess import PreprocessError, preprocess, preprocess_multimodal
 
 logger = logging.getLogger(__name__)
@@ -289,10 +289,7 @@ class LazySupervisedDataset(Dataset):
             raise BadSampleError(ref, MISSING_IMAGE, f"image {path!r} does not exist (check --image_folder)") from None
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise BadSampleError(ref, CORRUPT_IMAGE, f"image {path!r} cannot be decoded ({err})") from None
-        processor = self.image_processor
-        if self.image_aspect_ratio == "pad":
-            picture = expand2square(picture, tuple(int(x * 255) for x in processor.image_mean))
-        return processor.preprocess(picture, return_tensors="pt")["pixel_values"][0]
+        return preprocess_image(picture, self.image_processor, self.image_aspect_ratio)
 
     def __getitem__(self, i: int) -> dict:
         sample = self.samples[i]
