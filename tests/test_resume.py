@@ -1,9 +1,10 @@
 """Resuming: a run killed after a checkpoint and started again with the same command continues from that
 checkpoint and ends exactly where an uninterrupted run ends (same steps, same batches, same weights).
 
-The kill is reproduced deterministically: the interrupted run's output folder holds what a run killed
-right after writing `checkpoint-2` leaves behind (that checkpoint, copied from the uninterrupted run, which
-wrote the same bytes at that step), plus a `checkpoint-4` cut short while being written."""
+Two ways of killing: a deterministic reproduction of what a kill leaves behind (the first two tests: the
+output folder holds `checkpoint-2`, copied from the uninterrupted run, which wrote the same bytes at that
+step, plus a `checkpoint-4` cut short), and real SIGKILLs at ten moments of a stage-2 run, inside
+checkpoint writes and deletions included (tests/faults/sitecustomize.py injects them)."""
 
 import json
 import os
@@ -25,6 +26,7 @@ TOWER = models.TowerSize(image_size=32, patch_size=8, hidden_size=32, intermedia
 LLAMA = models.LlamaSize(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                          max_position_embeddings=256)
 STEPS = 4
+FAULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faults")
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +39,21 @@ def setup(tmp_path_factory):
     return {"root": root, "paths": paths, "tokenizer": tokenizer, "tower": tower, "llm": llm}
 
 
-def train(script, out, overrides):
+def run(script, out, overrides, fault=None):
+    """Run a stage script; returns its exit code and output. `fault`: a MOELLAVA_TEST_FAULT spec."""
     env = script_environment({"LAUNCHER": "python", "OUTPUT_DIR": out, "MAX_STEPS": str(STEPS), "SAVE_STEPS": "2",
                               "SAVE_TOTAL": "10", "LOG_STEPS": "1", "BATCH": "3", "WORKERS": "0", **overrides})
+    if fault is not None:
+        env["MOELLAVA_TEST_FAULT"] = fault
+        env["PYTHONPATH"] = os.pathsep.join([FAULTS_DIR] + [p for p in [env.get("PYTHONPATH")] if p])
     result = subprocess.run(["bash", os.path.join(REPO_DIR, "scripts", script)], env=env, cwd=REPO_DIR,
                             capture_output=True, text=True, timeout=300)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, f"{script} failed:\n{log[-4000:]}"
+    return result.returncode, result.stdout + result.stderr
+
+
+def train(script, out, overrides):
+    returncode, log = run(script, out, overrides)
+    assert returncode == 0, f"{script} failed:\n{log[-4000:]}"
     return log
 
 
@@ -84,7 +94,7 @@ def test_stage3_deepspeed_resume_matches_an_uninterrupted_run(setup):
     train("train_stage3.sh", whole, overrides)
     interrupted_copy(whole, resumed)
     log = train("train_stage3.sh", resumed, overrides)
-    assert f"Skipping {resumed}/checkpoint-4: it was not completely written" in log
+    assert f"Skipping {resumed}/checkpoint-4: not a complete checkpoint: no checkpoint_complete.json" in log
     assert f"Resuming from {resumed}/checkpoint-2" in log
     assert_same_run(whole, resumed, log)
     a = load_file(os.path.join(whole, "model.safetensors"))
@@ -109,3 +119,59 @@ def test_stage1_projector_only_checkpoints_resume_without_deepspeed(setup):
     a = torch.load(os.path.join(whole, "mm_projector.bin"), weights_only=True)
     b = torch.load(os.path.join(resumed, "mm_projector.bin"), weights_only=True)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+# --- real kills ----------------------------------------------------------------------------------------------
+
+FAULT_STEPS = 8  # checkpoints every 2 steps, one kept (the recipes' --save_total_limit 1)
+# (fault, the checkpoint the rerun must resume from: the newest complete one at the moment of the kill)
+FAULTS = [
+    ("step@3", 2),                                   # between saves
+    ("step@7", 6),
+    ("safetensors@checkpoint-4:partial", 2),          # inside the write of checkpoint-4: weights half written,
+    ("torch_save@checkpoint-4:1", 2),                 # before DeepSpeed's model states,
+    ("torch_save@checkpoint-4:2:partial", 2),         # optimizer states half written,
+    ("state_json@checkpoint-4", 2),                   # trainer_state.json written, scheduler.pt not yet
+    ("marker@checkpoint-4", 4),                       # between the completion of checkpoint-4 and deleting 2
+    ("rmtree@checkpoint-2", 4),                       # deleting checkpoint-2: renamed, nothing removed yet
+    ("unlink@checkpoint-2:3", 4),                     # deleting checkpoint-2: some files removed
+    ("safetensors@final:partial", 8),                 # the final save after the last checkpoint
+]
+
+
+@pytest.fixture(scope="module")
+def stage2_reference(setup):
+    paths, root = setup["paths"], setup["root"]
+    overrides = {"MODEL": setup["llm"], "IMAGE_TOWER": setup["tower"], "DATA_PATH": paths["stage2"],
+                 "IMAGE_FOLDER": paths["image_folder"], "PRETRAIN_ADAPTER": "", "VERSION": "v1",
+                 "MAX_STEPS": str(FAULT_STEPS), "SAVE_TOTAL": "1", "BATCH": "2", "LR": "1e-3"}
+    reference = os.path.join(root, "stage2_uninterrupted")
+    train("train_stage2.sh", reference, overrides)
+    return overrides, reference
+
+
+@pytest.mark.parametrize("fault,resumes_from", FAULTS, ids=[fault for fault, _ in FAULTS])
+def test_a_kill_at_any_moment_loses_only_the_steps_since_the_last_complete_checkpoint(
+        setup, stage2_reference, fault, resumes_from):
+    overrides, reference = stage2_reference
+    out = os.path.join(setup["root"], "killed_" + fault.replace("@", "_").replace(":", "_"))
+    returncode, log = run("train_stage2.sh", out, overrides, fault=fault)
+    assert returncode in (-9, 128 + 9), f"the fault {fault} did not kill the run (exit {returncode}):\n{log[-3000:]}"
+
+    log = train("train_stage2.sh", out, overrides)
+    assert f"Resuming from {out}/checkpoint-{resumes_from}" in log
+    # Only the steps after that checkpoint were trained again, and the history has every step once.
+    assert log.count("{'loss': ") == FAULT_STEPS - resumes_from
+    steps, logs = history(out)
+    assert steps == FAULT_STEPS and sorted(logs) == list(range(1, FAULT_STEPS + 1))
+    _, reference_logs = history(reference)
+    for step in logs:
+        assert logs[step]["loss"] == reference_logs[step]["loss"], (fault, step)
+    a = load_file(os.path.join(reference, "model.safetensors"))
+    b = load_file(os.path.join(out, "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[key], b[key]) for key in a), f"weights differ after {fault}"
+    # Nothing half-written or half-deleted is left: one complete checkpoint, no trash.
+    left = sorted(name for name in os.listdir(out) if name.startswith(("checkpoint-", ".trash-")))
+    assert left == [f"checkpoint-{FAULT_STEPS}"]
+    assert os.path.isfile(os.path.join(out, left[0], "checkpoint_complete.json"))

@@ -8,29 +8,29 @@
 - Stage 1 (`--tune_mm_mlp_adapter`) saves only the projector, in checkpoints too; those checkpoints still
   hold the optimizer, scheduler and RNG states and resume;
 - skipped bad samples (`--skip_bad_samples`) reported at the end and kept in every checkpoint;
-- expert-parallel MoE weights gathered before saving, so checkpoints load on one process.
+- expert-parallel MoE weights gathered before saving, so checkpoints load on one process;
+- checkpoints that are complete or ignored (`checkpointing`): a completion marker written last, by rank 0
+  once every rank has written, and older checkpoints deleted only after it; a full disk named as such.
 """
 
 import logging
 import os
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import RandomSampler, Sampler
 from transformers import Trainer
 from transformers.trainer import SCHEDULER_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
+from moellava.train import checkpointing
 from moellava.train.dataset import SkipReport
 
 logger = logging.getLogger(__name__)
 
 PROJECTOR_FILE = "mm_projector.bin"
 SKIP_REPORT_FILE = "skipped_samples.json"
-# What numpy's RNG state pickles into: the Trainer's rng_state.pth holds it next to torch's state.
-_NUMPY_RNG_GLOBALS = [np.dtype, np.ndarray, np._core.multiarray._reconstruct, type(np.dtype(np.uint32))]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -153,6 +153,11 @@ def optimizer_param_groups(model, weight_decay: float, mm_projector_lr: Optional
 # The trainer
 
 
+class _AllStepsTrained(Exception):
+    """Raised before a step beyond max_steps: transformers 4.31 resumed from a checkpoint at max_steps
+    (with --max_steps ending mid-epoch) would train one more step."""
+
+
 class LLaVATrainer(Trainer):
     """`skip_report`: the dataset's SkipReport (bad samples, `--skip_bad_samples`). `projector_only_keys`:
     Stage 1 (`--tune_mm_mlp_adapter`): the substrings of the weight names saved, instead of the full model."""
@@ -191,6 +196,22 @@ class LLaVATrainer(Trainer):
             optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+    # --- the loop ---------------------------------------------------------------------------------------------
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        except _AllStepsTrained:
+            # The checkpoint's weights and state are loaded: the run is only missing its final save.
+            self.is_in_train = False
+            logger.info("All %d steps were trained before this checkpoint: nothing left to train.",
+                        self.state.global_step)
+            return TrainOutput(self.state.global_step, 0.0, {})
+
+    def training_step(self, model, inputs):
+        if self.state.global_step >= self.state.max_steps:
+            raise _AllStepsTrained
+        return super().training_step(model, inputs)
 
     # --- loss and logging ---------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False):
@@ -239,6 +260,10 @@ class LLaVATrainer(Trainer):
         return bool(moe.get("moe_enable")) and moe.get("ep_size", 1) > 1 and self.args.world_size > 1
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
+        with checkpointing.explained_write_errors(output_dir or self.args.output_dir):
+            self._save_model(output_dir, _internal_call)
+
+    def _save_model(self, output_dir: Optional[str], _internal_call: bool) -> None:
         if self._expert_parallel():
             from moellava.model.moe import expert_parallel_state_dict
 
@@ -279,12 +304,28 @@ class LLaVATrainer(Trainer):
         return self.is_deepspeed_enabled and "scheduler" not in self.args.hf_deepspeed_config.config
 
     def _save_checkpoint(self, model, trial, metrics=None):
-        super()._save_checkpoint(model, trial, metrics=metrics)
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        if self._hf_scheduler_under_deepspeed() and self.args.should_save:
-            torch.save(self.lr_scheduler.state_dict(), os.path.join(folder, SCHEDULER_NAME))
-        if self.skip_report is not None:
-            self.save_skip_report(folder)
+        run_dir = self._get_output_dir(trial=trial)
+        step = self.state.global_step
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        with checkpointing.explained_write_errors(folder):
+            if self.args.should_save and os.path.isdir(folder):
+                logger.warning("Replacing %s, left by an earlier run.", folder)
+                checkpointing.discard(folder)
+            self.accelerator.wait_for_everyone()
+            super()._save_checkpoint(model, trial, metrics=metrics)
+            if self._hf_scheduler_under_deepspeed() and self.args.should_save:
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(folder, SCHEDULER_NAME))
+            if self.skip_report is not None:
+                self.save_skip_report(folder)
+            # Every rank has written its part (DeepSpeed shards, RNG states) before the checkpoint is complete.
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                checkpointing.mark_complete(folder, step)
+                checkpointing.rotate(run_dir, self.args.save_total_limit, protect=[self.state.best_model_checkpoint])
+
+    def _rotate_checkpoints(self, use_mtime=False, output_dir=None) -> None:
+        """The Trainer would delete older checkpoints before this one is complete; `_save_checkpoint`
+        rotates once the completion marker is written (checkpointing.rotate)."""
 
     def save_skip_report(self, folder: str) -> None:
         """Gather the skipped samples of every rank; rank 0 writes them to `folder`/skipped_samples.json."""
@@ -339,5 +380,5 @@ class LLaVATrainer(Trainer):
 
     def _load_rng_state(self, checkpoint):
         # Our own rng_state.pth files hold numpy's RNG state next to tensors; allow exactly those types.
-        with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
+        with torch.serialization.safe_globals(checkpointing.NUMPY_RNG_GLOBALS):
             super()._load_rng_state(checkpoint)

@@ -13,7 +13,6 @@ stages 2 and 3 is a Hugging Face checkpoint (safetensors, config with `conv_temp
 import dataclasses
 import logging
 import os
-import re
 import sys
 from typing import List, Optional, Sequence, Tuple
 
@@ -22,7 +21,6 @@ import transformers
 from transformers import AutoConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-from transformers.trainer import TRAINER_STATE_NAME
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 import moellava.model  # noqa: F401  (registers the llava_* / moe_llava_* model types)
@@ -30,12 +28,12 @@ from moellava import conversation as conversation_lib
 from moellava.model.moe import build_moe_settings, freeze_for_moe_training
 from moellava.model.moe_model import has_moe_layers
 from moellava.tokenization import family_for_model_type, get_family, load_tokenizer
+from moellava.train import checkpointing
 from moellava.train.arguments import DataArguments, ModelArguments, TrainingArguments, check_arguments
 from moellava.train.dataset import make_supervised_data_module
 from moellava.train.llava_trainer import PROJECTOR_FILE, SKIP_REPORT_FILE, LLaVATrainer
 
 logger = logging.getLogger("moellava.train")
-_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -186,22 +184,27 @@ def log_trainable(model) -> None:
         logger.debug("  trains %s (%d)", name, numel)
 
 
-def last_complete_checkpoint(output_dir: str) -> Optional[str]:
-    """The newest `checkpoint-N` that was completely written (the Trainer writes trainer_state.json after the
-    weights and optimizer states); a newer one cut short by a kill is skipped, with a warning."""
-    if not os.path.isdir(output_dir):
+def checkpoint_to_resume(training_args: TrainingArguments) -> Optional[str]:
+    """`--resume_from_checkpoint DIR` when given, else the newest complete checkpoint of `--output_dir`
+    (none with `--overwrite_output_dir True`); its pickled states are checked before anything loads them."""
+    explicit = training_args.resume_from_checkpoint
+    if explicit:
+        if not os.path.isdir(explicit):
+            raise ValueError(f"--resume_from_checkpoint {explicit}: no such folder.")
+        reason = checkpointing.incomplete_reason(explicit)
+        if reason is not None and os.path.isfile(os.path.join(explicit, checkpointing.COMPLETE_MARKER)):
+            raise ValueError(f"--resume_from_checkpoint {explicit} is not a complete checkpoint: {reason}.")
+        if reason is not None:
+            logger.warning("%s has no %s (written by an older version, or cut short); resuming from it because "
+                           "--resume_from_checkpoint names it.", explicit, checkpointing.COMPLETE_MARKER)
+        checkpoint = explicit
+    elif training_args.overwrite_output_dir:
         return None
-    steps = []
-    for name in os.listdir(output_dir):
-        match = _CHECKPOINT.fullmatch(name)
-        if match and os.path.isdir(os.path.join(output_dir, name)):
-            steps.append(int(match.group(1)))
-    for step in sorted(steps, reverse=True):
-        folder = os.path.join(output_dir, f"checkpoint-{step}")
-        if os.path.isfile(os.path.join(folder, TRAINER_STATE_NAME)):
-            return folder
-        logger.warning("Skipping %s: it was not completely written (no %s).", folder, TRAINER_STATE_NAME)
-    return None
+    else:
+        checkpoint = checkpointing.last_complete_checkpoint(training_args.output_dir)
+    if checkpoint is not None:
+        checkpointing.check_pickles(checkpoint)
+    return checkpoint
 
 
 def parse_arguments(argv: Optional[Sequence[str]] = None) -> Tuple[ModelArguments, DataArguments, TrainingArguments]:
@@ -274,15 +277,18 @@ def train(argv: Optional[Sequence[str]] = None) -> None:
         **data_module,
     )
 
-    checkpoint = None if training_args.overwrite_output_dir else last_complete_checkpoint(training_args.output_dir)
+    if training_args.should_save:
+        checkpointing.remove_leftovers(training_args.output_dir)
+    checkpoint = checkpoint_to_resume(training_args)
     if checkpoint is not None:
         logger.info("Resuming from %s", checkpoint)
         trainer.load_skip_report(checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_state()
 
     model.config.use_cache = True
     trainer.save_model(training_args.output_dir)
+    # Written last: a run whose output folder has trainer_state.json finished its final save.
+    trainer.save_state()
     if data_args.skip_bad_samples:
         trainer.save_skip_report(training_args.output_dir)
         if training_args.should_log:
