@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
@@ -231,26 +232,54 @@ def test_truncation_to_no_labels_is_reported(qwen_copy):
     conversation_lib.set_default_conversation("qwen")
     qwen_copy.model_max_length = 20
     source = [{"from": "human", "value": "word " * 50}, {"from": "gpt", "value": "An answer."}]
-    with pytest.raises(LabelAlignmentError, match="model_max_length=20") as error:
+    with pytest.raises(LabelAlignmentError, match="--model_max_length 20: truncation would cut 5 of its 5 answer"
+                       ) as error:
         preprocess([source], qwen_copy, sample_ids=["long-1"])
     assert error.value.kind == "truncated" and error.value.sample_id == "long-1"
-    # A long answer is cut, not dropped: the labels keep what fits.
+
+
+def test_an_answer_cut_partly_is_refused_never_trained_without_its_end_token(qwen_copy):
+    conversation_lib.set_default_conversation("qwen")
     short = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "word " * 50}]
     qwen_copy.model_max_length = 10**6
-    (answer_start, _), = find_trained_spans(preprocess([short], qwen_copy)["labels"][0].tolist())
-    qwen_copy.model_max_length = answer_start + 3
-    out = preprocess([short], qwen_copy)
-    assert len(out["input_ids"][0]) == answer_start + 3
-    assert find_trained_spans(out["labels"][0].tolist()) == [(answer_start, answer_start + 3)]
+    full = preprocess([short], qwen_copy)
+    (answer_start, answer_end), = find_trained_spans(full["labels"][0].tolist())
+    qwen_copy.model_max_length = answer_end - 1  # everything but the end token fits
+    with pytest.raises(LabelAlignmentError, match="would cut 1 of its") as error:
+        preprocess([short], qwen_copy)
+    assert error.value.kind == "truncated"
+    qwen_copy.model_max_length = answer_end  # exactly fits
+    assert torch.equal(preprocess([short], qwen_copy)["labels"][0], full["labels"][0])
 
 
 def test_truncation_that_cuts_an_image_placeholder_is_reported(qwen_copy):
     conversation_lib.set_default_conversation("qwen")
     qwen_copy.model_max_length = 30
     source = [{"from": "human", "value": "Hi " + "x " * 40 + "<image>"}, {"from": "gpt", "value": "ok"}]
-    with pytest.raises(LabelAlignmentError, match="image placeholder") as error:
+    with pytest.raises(LabelAlignmentError, match="cut 1 of its 1 image") as error:
         preprocess([source], qwen_copy, has_image=True)
     assert error.value.kind == "truncated"
+
+
+def test_the_length_counts_each_image_as_its_expanded_tokens(qwen_copy):
+    """An answer that fits in text tokens but falls past the cut once the image becomes 576 tokens."""
+    conversation_lib.set_default_conversation("qwen")
+    source = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat on a mat."}]
+    qwen_copy.model_max_length = 10**6
+    ids = preprocess([source], qwen_copy, has_image=True)["input_ids"][0]
+    expanded = len(ids) - 1 + 576
+    qwen_copy.model_max_length = expanded - 1
+    assert len(ids) < qwen_copy.model_max_length  # fits when the image counts as one token ...
+    preprocess([source], qwen_copy, has_image=True, image_tokens=1)
+    with pytest.raises(LabelAlignmentError, match=rf"it is {expanded} tokens long, each of its 1 image\(s\) "
+                       r"counted as 576 tokens.*would cut 1 of its"):
+        preprocess([source], qwen_copy, has_image=True, image_tokens=576)  # ... not as 576
+    qwen_copy.model_max_length = expanded
+    preprocess([source], qwen_copy, has_image=True, image_tokens=576)
+    # Where only text past the last answer is cut, the sample is kept whole up to there.
+    trailing = source + [{"from": "human", "value": "And then? " * 20}]
+    out = preprocess([trailing], qwen_copy, has_image=True, image_tokens=576)
+    assert torch.equal(out["input_ids"][0], ids)
 
 
 def test_wrong_template_for_tokenizer_fails_early(toy_tokenizers):

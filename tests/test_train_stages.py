@@ -80,7 +80,8 @@ def test_scripts_print_the_command_they_run(stages):
 
 def test_stage1_trains_and_saves_only_the_projector(stages):
     out = stages["dirs"][1]
-    assert sorted(os.listdir(out)) == ["checkpoint-3", "config.json", "mm_projector.bin", "trainer_state.json"]
+    assert sorted(os.listdir(out)) == ["checkpoint-3", "config.json", "data_check.json", "mm_projector.bin",
+                                       "trainer_state.json"]
     projector = torch.load(os.path.join(out, "mm_projector.bin"), weights_only=True)
     assert sorted(projector) == ["model.mm_projector.image_spatial_proj.0.bias",
                                  "model.mm_projector.image_spatial_proj.0.weight",
@@ -88,7 +89,7 @@ def test_stage1_trains_and_saves_only_the_projector(stages):
                                  "model.mm_projector.image_spatial_proj.2.weight"]
     checkpoint = os.path.join(out, "checkpoint-3")
     files = set(os.listdir(checkpoint))
-    assert {"mm_projector.bin", "scheduler.pt", "trainer_state.json", "rng_state.pth"} <= files
+    assert {"mm_projector.bin", "scheduler.pt", "trainer_state.json", "rng_state.pth", "checkpoint_complete.json"} <= files
     assert not any(name.endswith((".safetensors", "pytorch_model.bin")) for name in files)
     history = log_history(out)
     assert len(history) == 4 and history[-1]["lm_loss"] < history[0]["lm_loss"]

@@ -122,14 +122,20 @@ class DataArguments:
     skip_bad_samples: bool = field(
         default=False,
         metadata={
-            "help": "Skip and count samples with a missing/corrupt image, an image count that does not match "
-            "their <image> placeholders, or a conversation that cannot be tokenized, instead of stopping. "
-            "The count is logged at the end and written to <output_dir>/skipped_samples.json."
+            "help": "Leave out and count the samples the data check before training finds bad (a missing or "
+            "corrupt image, an image count that does not match their <image> placeholders, a conversation "
+            "that cannot be tokenized or does not fit --model_max_length), instead of stopping. The count "
+            "is logged and written to <output_dir>/skipped_samples.json."
         },
     )
     max_skipped_fraction: float = field(
         default=0.01,
         metadata={"help": "With --skip_bad_samples: stop when more than this fraction of the data is bad."},
+    )
+    data_check_workers: Optional[int] = field(
+        default=None,
+        metadata={"help": "Processes of the data check before training (large data only). Default: one per CPU "
+                  "core, at most 16; 0 checks in the training process."},
     )
 
     def __post_init__(self):

@@ -113,7 +113,6 @@ def tokenize_pieces(
     *,
     has_image: bool,
     sample_id=None,
-    max_length: Optional[int] = None,
 ) -> Tuple[List[int], List[int]]:
     """Token ids of the concatenated pieces and labels that keep exactly the answer pieces."""
     if has_image:
@@ -147,25 +146,35 @@ def tokenize_pieces(
 
     if not any(label != IGNORE_INDEX for label in labels):
         raise LabelAlignmentError(sample_id, "the conversation has no assistant answer to train on", "no_labels")
-    full_length = len(input_ids)
-    if max_length is not None and full_length > max_length:
-        dropped_images = input_ids[max_length:].count(IMAGE_TOKEN_INDEX)
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
-        if dropped_images:
-            raise LabelAlignmentError(
-                sample_id,
-                f"truncation to model_max_length={max_length} removes {dropped_images} image placeholder(s); "
-                "raise --model_max_length or shorten the sample",
-                "truncated",
-            )
-        if not any(label != IGNORE_INDEX for label in labels):
-            raise LabelAlignmentError(
-                sample_id,
-                f"truncation to model_max_length={max_length} removes every answer token "
-                f"({full_length} tokens); raise --model_max_length or shorten the sample",
-                "truncated",
-            )
     return input_ids, labels
+
+
+def fit_to_length(input_ids: torch.Tensor, labels: torch.Tensor, max_length: int, image_tokens: int,
+                  sample_id=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Cut a sample to `max_length` positions of the model's sequence, where each image placeholder becomes
+    `image_tokens` positions (the tower's tokens per image). A cut that would lose answer tokens (so a whole
+    answer, or an answer's end token) or split an image is refused with `LabelAlignmentError` ("truncated"):
+    what is trained is always each answer whole with its end token."""
+    is_image = input_ids == IMAGE_TOKEN_INDEX
+    ends = torch.where(is_image, image_tokens, 1).cumsum(0)
+    length = int(ends[-1]) if ends.numel() else 0
+    if length <= max_length:
+        return input_ids, labels
+    keep = int((ends <= max_length).sum())
+    cut_images = int(is_image[keep:].sum())
+    cut_labels = int((labels[keep:] != IGNORE_INDEX).sum())
+    if cut_images or cut_labels:
+        what = [f"{cut_images} of its {int(is_image.sum())} image(s)"] if cut_images else []
+        if cut_labels:
+            what.append(f"{cut_labels} of its {int((labels != IGNORE_INDEX).sum())} answer tokens")
+        images = f", each of its {int(is_image.sum())} image(s) counted as {image_tokens} tokens" if is_image.any() else ""
+        raise LabelAlignmentError(
+            sample_id,
+            f"it is {length} tokens long{images}, more than --model_max_length {max_length}: truncation would cut "
+            f"{' and '.join(what)}. Raise --model_max_length or shorten the sample",
+            "truncated",
+        )
+    return input_ids[:keep], labels[:keep]
 
 
 def _messages(source, conv: Conversation, sample_id) -> List[Tuple[str, str]]:
@@ -248,10 +257,7 @@ def _preprocess_conversations(
         conv.messages = []
         for role, text in _messages(source, conv, sample_id):
             conv.append_message(role, text)
-        ids, labels = tokenize_pieces(
-            conv.render(), tokenizer, has_image=has_image, sample_id=sample_id,
-            max_length=_max_length(tokenizer),
-        )
+        ids, labels = tokenize_pieces(conv.render(), tokenizer, has_image=has_image, sample_id=sample_id)
         input_ids.append(torch.tensor(ids, dtype=torch.long))
         targets.append(torch.tensor(labels, dtype=torch.long))
     return dict(input_ids=input_ids, labels=targets)
@@ -285,9 +291,7 @@ def preprocess_plain(sources, tokenizer, *, sample_ids=None) -> Dict[str, List[t
                 sample_id, "plain (stage-1) samples need <image> in the human turn: stage 1 trains on captions"
             )
         pieces = [(DEFAULT_IMAGE_TOKEN * num_images, False), (source[1]["value"] + sep, True)]
-        ids, labels = tokenize_pieces(
-            pieces, tokenizer, has_image=True, sample_id=sample_id, max_length=_max_length(tokenizer)
-        )
+        ids, labels = tokenize_pieces(pieces, tokenizer, has_image=True, sample_id=sample_id)
         input_ids.append(torch.tensor(ids, dtype=torch.long))
         targets.append(torch.tensor(labels, dtype=torch.long))
     return dict(input_ids=input_ids, labels=targets)
@@ -346,12 +350,25 @@ def preprocess_v0(sources, tokenizer, has_image=False, *, sample_ids=None):
     return _preprocess_conversations(sources, tokenizer, has_image, sample_ids, check_tokenizer_fits_template)
 
 
-def preprocess(sources, tokenizer, has_image: bool = False, *, sample_ids=None) -> Dict[str, List[torch.Tensor]]:
-    """Dispatch on the selected template (`conversation.set_default_conversation(--version)`).
+def preprocess(sources, tokenizer, has_image: bool = False, *, sample_ids=None,
+               image_tokens: int = 1) -> Dict[str, List[torch.Tensor]]:
+    """Dispatch on the selected template (`conversation.set_default_conversation(--version)`), then fit each
+    sample to `tokenizer.model_max_length` (`fit_to_length`, each image counted as `image_tokens`).
 
     `sources` is a list of conversations (`[{"from": "human"|"gpt", "value": str}, ...]`); returns
     `dict(input_ids=[LongTensor], labels=[LongTensor])`, one entry per conversation.
     """
+    data = _preprocess_by_template(sources, tokenizer, has_image, sample_ids)
+    max_length = _max_length(tokenizer)
+    if max_length is not None:
+        for index, (ids, labels) in enumerate(zip(data["input_ids"], data["labels"])):
+            sample_id = sample_ids[index] if sample_ids is not None else index
+            data["input_ids"][index], data["labels"][index] = fit_to_length(ids, labels, max_length, image_tokens,
+                                                                            sample_id)
+    return data
+
+
+def _preprocess_by_template(sources, tokenizer, has_image: bool, sample_ids) -> Dict[str, List[torch.Tensor]]:
     conv = conversation_lib.default_conversation
     version = conv.version
     if conv.sep_style == SeparatorStyle.PLAIN:

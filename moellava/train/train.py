@@ -30,6 +30,7 @@ from moellava.model.moe_model import has_moe_layers
 from moellava.tokenization import family_for_model_type, get_family, load_tokenizer
 from moellava.train import checkpointing
 from moellava.train.arguments import DataArguments, ModelArguments, TrainingArguments, check_arguments
+from moellava.train.data_check import CHECK_FILE
 from moellava.train.dataset import make_supervised_data_module
 from moellava.train.llava_trainer import PROJECTOR_FILE, SKIP_REPORT_FILE, LLaVATrainer
 
@@ -257,13 +258,17 @@ def train(argv: Optional[Sequence[str]] = None) -> None:
         model.enable_input_require_grads()
     log_trainable(model)
 
-    data_module = make_supervised_data_module(
-        tokenizer,
-        data_args,
-        image_processor=image_processor,
-        tokens_per_image=tokens_per_image,
-        mm_use_im_start_end=model_args.mm_use_im_start_end,
-    )
+    # The main process checks the data (and keeps the result); the others then read it.
+    with training_args.main_process_first(local=True, desc="data check"):
+        data_module = make_supervised_data_module(
+            tokenizer,
+            data_args,
+            image_processor=image_processor,
+            tokens_per_image=tokens_per_image,
+            mm_use_im_start_end=model_args.mm_use_im_start_end,
+            check_file=os.path.join(training_args.output_dir, CHECK_FILE),
+            progress=training_args.should_log and not training_args.disable_tqdm,
+        )
     dataset = data_module["train_dataset"]
     projector_only_keys = None
     if model_args.tune_mm_mlp_adapter:
