@@ -4,6 +4,7 @@ import json
 import re
 
 import pytest
+from PIL import Image
 
 from moellava.tokenization import doctor
 
@@ -70,6 +71,16 @@ def sample(sample_id, *turns, image=True):
     return data
 
 
+def write_data(folder, samples, missing=()):
+    """The data file, with an image file for every image sample (except the `missing` ids)."""
+    for item in samples:
+        if "image" in item and item["id"] not in missing:
+            Image.new("RGB", (8, 8), (200, 0, 0)).save(folder / item["image"])
+    path = folder / "data.json"
+    path.write_text(json.dumps(samples))
+    return path
+
+
 def test_doctor_data_scan_reports_bad_samples_by_id(capsys, toy_tokenizer_dir, tmp_path):
     long_question = "<image>\n" + " ".join(["describe the picture"] * 80)
     samples = [
@@ -81,14 +92,14 @@ def test_doctor_data_scan_reports_bad_samples_by_id(capsys, toy_tokenizer_dir, t
         sample("no-answer", ("human", "<image>\nWhat is this?")),
         sample("missing-placeholder", ("human", "What is this?"), ("gpt", "A bus.")),
     ]
-    data = tmp_path / "data.json"
-    data.write_text(json.dumps(samples))
+    data = write_data(tmp_path, samples)
     code, out, _ = run_doctor(capsys, "--model-path", toy_tokenizer_dir("qwen"), "--version", "qwen",
-                              "--data", data, "--model-max-length", 128)
+                              "--data", data, "--model-max-length", 128, "--image-folder", tmp_path,
+                              "--tokens-per-image", 4)
     assert code == 1
     assert "samples: 6   ok: 2   bad: 4" in out
     assert "bad conversation format: 1   ids: 'swapped-turns'" in out
-    assert "truncated by model_max_length: 1   ids: 'too-long'" in out
+    assert "cut by model_max_length: 1   ids: 'too-long'" in out
     assert "fully masked (nothing to train on): 1   ids: 'no-answer'" in out
     assert "image files and <image> placeholders disagree: 1   ids: 'missing-placeholder'" in out
     assert "id 'swapped-turns' (#1): turn 1 is from 'human' but 'gpt' was expected" in out
@@ -102,13 +113,14 @@ def test_doctor_data_scan_reports_bad_samples_by_id(capsys, toy_tokenizer_dir, t
 def test_doctor_data_scan_clean_data_and_limit(capsys, toy_tokenizer_dir, tmp_path):
     samples = [sample(f"s{i}", ("human", "<image>\nWhat is it?"), ("gpt", f"Thing {i}.")) for i in range(3)]
     samples.append(sample("bad", ("gpt", "Orphan answer."), ("gpt", "Another.")))
-    data = tmp_path / "data.json"
-    data.write_text(json.dumps(samples))
+    data = write_data(tmp_path, samples)
+    images = ["--image-folder", tmp_path, "--tokens-per-image", 4]
     code, out, _ = run_doctor(capsys, "--model-path", toy_tokenizer_dir("phi"), "--version", "phi",
-                              "--data", data, "--limit", 3)
+                              "--data", data, "--limit", 3, *images)
     assert code == 0, out
     assert "samples: 3   ok: 3   bad: 0" in out
-    code, out, _ = run_doctor(capsys, "--model-path", toy_tokenizer_dir("phi"), "--version", "phi", "--data", data)
+    code, out, _ = run_doctor(capsys, "--model-path", toy_tokenizer_dir("phi"), "--version", "phi", "--data", data,
+                              *images)
     assert code == 1 and "ids: 'bad'" in out
 
 
@@ -118,12 +130,12 @@ def test_doctor_reports_answers_it_cannot_locate(capsys, toy_tokenizer_dir, toy_
     tokenizer = toy_tokenizers["llama"]
     word = next(w for w in ("answers", "questions", "picture", "animal", "standing", "holding", "color")
                 if tokenizer.unk_token_id in tokenizer("</s>" + w, add_special_tokens=False).input_ids)
-    data = tmp_path / "data.json"
-    data.write_text(json.dumps([
+    data = write_data(tmp_path, [
         sample("ok", ("human", "<image>\nWhat is it?"), ("gpt", "A cat.")),
         sample("eos-in-text", ("human", "<image>\nWhat is it?"), ("gpt", f"A cat.</s>{word}")),
-    ]))
-    code, out, _ = run_doctor(capsys, "--model-path", toy_tokenizer_dir("llama"), "--version", "v1", "--data", data)
+    ])
+    code, out, _ = run_doctor(capsys, "--model-path", toy_tokenizer_dir("llama"), "--version", "v1", "--data", data,
+                              "--image-folder", tmp_path, "--tokens-per-image", 4)
     assert code == 1
     assert "answer spans not located exactly: 1   ids: 'eos-in-text'" in out
     assert "id 'eos-in-text' (#1): the tokens located for the answer decode to" in out
@@ -145,4 +157,43 @@ def test_doctor_bad_arguments(capsys, toy_tokenizer_dir, tmp_path):
     (tmp_path / "data.json").write_text(json.dumps({"id": 1}))
     code, _, err = run_doctor(capsys, "--model-path", toy_tokenizer_dir("qwen"), "--version", "qwen",
                               "--data", tmp_path / "data.json")
-    assert code == 2 and "expected a JSON list of samples" in err
+    assert code == 2 and "expected a list of samples" in err
+
+
+def test_doctor_agrees_with_training_on_images_and_expanded_length(capsys, toy_tokenizer_dir, tmp_path):
+    """Missing and corrupt images, and an answer cut only once the image becomes 576 tokens: what training
+    refuses, the doctor reports."""
+    samples = [
+        sample("fine", ("human", "<image>\nWhat is it?"), ("gpt", "A cat.")),
+        sample("gone", ("human", "<image>\nWhat is it?"), ("gpt", "A dog.")),
+        sample("broken", ("human", "<image>\nWhat is it?"), ("gpt", "A bird.")),
+        sample("long", ("human", "<image>\n" + "word " * 60), ("gpt", "A fish.")),
+    ]
+    data = write_data(tmp_path, samples, missing=("gone",))
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    args = ["--model-path", toy_tokenizer_dir("qwen"), "--version", "qwen", "--data", data,
+            "--image-folder", tmp_path, "--model-max-length", 700]
+    code, _, err = run_doctor(capsys, *args)
+    assert code == 2 and "pass --image-tower (the tower training uses) or --tokens-per-image N" in err
+    code, out, _ = run_doctor(capsys, *args, "--tokens-per-image", 576)
+    assert code == 1
+    assert "samples: 4   ok: 1   bad: 3" in out
+    assert "image file missing: 1   ids: 'gone'" in out
+    assert "image file cannot be decoded: 1   ids: 'broken'" in out
+    assert "cut by model_max_length: 1   ids: 'long'" in out
+    assert "each of its 1 image(s) counted as 576 tokens" in out
+    # With the image counted as one token, the same sample would (wrongly) fit.
+    code, out, _ = run_doctor(capsys, *args, "--tokens-per-image", 1)
+    assert "cut by model_max_length" not in out
+
+
+def test_doctor_counts_image_tokens_from_the_tower_config(capsys, toy_tokenizer_dir, tmp_path):
+    from moellava.demo import models
+
+    tower = models.build_tower(str(tmp_path / "tower"), models.TowerSize(image_size=32, patch_size=8))
+    data = write_data(tmp_path, [sample("one", ("human", "<image>\nWhat is it?"), ("gpt", "A cat."))])
+    code, out, _ = run_doctor(capsys, "--model-path", toy_tokenizer_dir("qwen"), "--version", "qwen", "--data",
+                              data, "--image-folder", tmp_path, "--image-tower", tower)
+    assert code == 0, out
+    text_tokens = int(re.search(r"rendered \((\d+) tokens\)", out).group(1))
+    assert f"max {text_tokens - 1 + 16}," in out  # a 4x4 patch grid: 16 tokens

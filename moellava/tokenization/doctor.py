@@ -1,13 +1,15 @@
 """Tokenizer doctor: what a tokenizer does with a conversation template, before a GPU-day is spent.
 
     python -m moellava.tokenization.doctor --model-path DIR --version V [--family F] [--data FILE.json]
-        [--model-max-length N] [--limit N]
+        [--image-folder DIR] [--tokens-per-image N | --image-tower TOWER] [--model-max-length N] [--limit N]
 
 Prints: whether the tokenizer adds bos/eos; the ids of bos/eos/unk/pad; whether it can add special tokens;
 how the template's separators tokenize; one rendered sample (the first of --data, else a built-in one) with
-its trained spans marked. With --data (a LLaVA-format JSON list) it preprocesses every sample exactly as
-training does and reports the samples that cannot be trained on (mismatched, truncated, fully masked,
-badly formatted), by id. Exit code: 0 when all is well, 1 when a problem was found, 2 on bad arguments.
+its trained spans marked. With --data (a LLaVA-format JSON list) it runs training's own data check on every
+sample (`moellava.train.data_check`: structure, image files that exist and decode, the conversation
+tokenized as training does, the length with each image counted as the tokens it becomes) and reports the
+samples training would refuse, by id and reason. Exit code: 0 when all is well, 1 when a problem was found,
+2 on bad arguments.
 """
 
 import argparse
@@ -19,14 +21,14 @@ from typing import Dict, List, Optional, Sequence
 
 from moellava import conversation as conversation_lib
 from moellava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from moellava.train.preprocess import (
-    ConversationFormatError,
-    PreprocessError,
-    TokenizerTemplateError,
-    find_trained_spans,
-    preprocess,
-    preprocess_multimodal,
+from moellava.train.data_check import (
+    BadSampleError,
+    SampleChecker,
+    load_data_file,
+    run_data_check,
+    summary,
 )
+from moellava.train.preprocess import TokenizerTemplateError, find_trained_spans
 
 from .families import detect_family, load_tokenizer
 
@@ -44,13 +46,17 @@ PROBE_TEXT = "Hello world"
 PROBE_TOKEN = "<|doctor_probe|>"
 MAX_IDS_LISTED = 20
 MAX_REASONS_SHOWN = 5
-# Names of PreprocessError kinds in the report.
-KIND_NAMES = {
-    "mismatch": "answer spans not located exactly",
-    "truncated": "truncated by model_max_length",
-    "no_labels": "fully masked (nothing to train on)",
-    "format": "bad conversation format",
-    "images": "image files and <image> placeholders disagree",
+# Names of the data check's reasons in the report.
+REASON_NAMES = {
+    "preprocess_mismatch": "answer spans not located exactly",
+    "preprocess_truncated": "cut by model_max_length",
+    "preprocess_no_labels": "fully masked (nothing to train on)",
+    "preprocess_format": "bad conversation format",
+    "image_count_mismatch": "image files and <image> placeholders disagree",
+    "missing_image": "image file missing",
+    "corrupt_image": "image file cannot be decoded",
+    "malformed_sample": "malformed sample",
+    "tokenizer_error": "the tokenizer fails",
 }
 
 
@@ -64,6 +70,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--version", required=True, help="conversation template, as --version in training")
     parser.add_argument("--family", default=None, help="tokenizer family rules to apply (default: detected)")
     parser.add_argument("--data", default=None, help="LLaVA-format JSON list to scan")
+    parser.add_argument("--image-folder", default=None, help="folder the image paths of --data are relative to")
+    parser.add_argument("--tokens-per-image", type=int, default=None,
+                        help="tokens one image becomes in the model (default: from --image-tower, else from the "
+                             "image tower of --model-path's config)")
+    parser.add_argument("--image-tower", default=None, help="the image tower training uses (hub id or folder)")
+    parser.add_argument("--mm-vision-select-feature", default="patch", choices=["patch", "cls_patch"],
+                        help="with --image-tower: the feature selection training uses")
     parser.add_argument("--model-max-length", type=int, default=None,
                         help="truncation length, as --model_max_length in training (default: the tokenizer's)")
     parser.add_argument("--limit", type=int, default=None, help="scan only the first N samples of --data")
@@ -179,15 +192,18 @@ def report_template(tokenizer, conv) -> None:
             print(f"{name:7s} {text!r:30s} -> {show_ids(tokenizer, ids)}")
 
 
-def report_sample(tokenizer, sample: dict, mm_use_im_start_end: bool, title: str) -> Optional[str]:
+def report_sample(checker: SampleChecker, sample: dict, title: str) -> Optional[str]:
     """Print one sample with its trained spans marked; returns the problem if it cannot be trained on."""
+    tokenizer = checker.tokenizer
     sample_id = sample.get("id") if isinstance(sample, dict) else None
     print(f"\n== {title} (id {sample_id!r})")
     try:
-        input_ids, labels = preprocess_sample(tokenizer, sample, sample_id, mm_use_im_start_end)
-    except PreprocessError as err:
-        print(f"PROBLEM ({err.kind}): {err.reason}")
-        return err.reason
+        checked, _ = checker.structure("sample", 0, sample)
+        data = checker.tokenize(checked)
+    except BadSampleError as err:
+        print(f"PROBLEM ({err.record.reason}): {err.record.detail}")
+        return err.record.detail
+    input_ids, labels = data["input_ids"][0].tolist(), data["labels"][0].tolist()
     spans = find_trained_spans(labels)
     print(f"rendered ({len(input_ids)} tokens): {decode_with_images(tokenizer, input_ids)!r}")
     print(f"tokens, trained spans in [[ ]] ({len(spans)} spans, {sum(e - s for s, e in spans)} tokens):")
@@ -204,78 +220,52 @@ def report_sample(tokenizer, sample: dict, mm_use_im_start_end: bool, title: str
 
 
 # --- data scan -----------------------------------------------------------------------------------------
-class ImagePlaceholderError(PreprocessError):
-    """The sample's image files and its <image> placeholders do not pair up."""
-
-    kind = "images"
-
-
-def count_images(sample: dict) -> int:
-    images = sample.get("image")
-    if images is None:
-        return 0
-    return len(images) if isinstance(images, list) else 1
-
-
-def preprocess_sample(tokenizer, sample: dict, sample_id, mm_use_im_start_end: bool):
-    """`(input_ids, labels)` of one LLaVA-format sample, exactly as training builds them."""
-    if not isinstance(sample, dict) or not isinstance(sample.get("conversations"), list):
-        raise ConversationFormatError(sample_id, "the sample has no 'conversations' list")
-    conversations = copy.deepcopy(sample["conversations"])
-    has_image = "image" in sample
-    if has_image:
-        placeholders = sum(str(turn.get("value", "")).count(DEFAULT_IMAGE_TOKEN) for turn in conversations
-                           if isinstance(turn, dict))
-        if placeholders != count_images(sample):
-            raise ImagePlaceholderError(
-                sample_id, f"{count_images(sample)} image file(s) but {placeholders} {DEFAULT_IMAGE_TOKEN} "
-                           "placeholder(s) in the conversation; each image needs exactly one placeholder")
-        preprocess_multimodal([conversations], mm_use_im_start_end=mm_use_im_start_end, sample_ids=[sample_id])
-    result = preprocess([conversations], tokenizer, has_image, sample_ids=[sample_id])
-    return result["input_ids"][0].tolist(), result["labels"][0].tolist()
+def scan_data(checker: SampleChecker, path: str, limit: Optional[int] = None) -> bool:
+    """Training's data check on `path` (its first `limit` samples); print the summary and the bad samples;
+    True when some are bad."""
+    result = run_data_check([path], checker, workers=0, progress=False, limit=limit)
+    print(f"samples: {result.total}   ok: {len(result.samples)}   bad: {len(result.problems)}")
+    print(f"check: {summary(result)}")
+    if result.samples:
+        lengths = [sample.length for sample in result.samples]
+        print(f"tokens per good sample (images expanded): max {max(lengths)}, mean {sum(lengths) / len(lengths):.1f}")
+    bad: Dict[str, List] = {}
+    for problem in result.problems:
+        bad.setdefault(problem.record.reason, []).append(problem.record)
+    for reason in sorted(bad, key=lambda r: -len(bad[r])):
+        records = bad[reason]
+        ids = ", ".join(repr(record.sample_id) for record in records[:MAX_IDS_LISTED])
+        more = f", ... ({len(records) - MAX_IDS_LISTED} more)" if len(records) > MAX_IDS_LISTED else ""
+        print(f"{REASON_NAMES.get(reason, reason)}: {len(records)}   ids: {ids}{more}")
+        for record in records[:MAX_REASONS_SHOWN]:
+            print(f"  id {record.sample_id!r} (#{record.index}): {record.detail}")
+    return bool(result.problems)
 
 
-def scan_data(tokenizer, samples: List[dict], mm_use_im_start_end: bool) -> Dict[str, List[tuple]]:
-    """Preprocess every sample; print the summary; returns kind -> [(index, id, reason)] of the bad ones."""
-    bad: Dict[str, List[tuple]] = {}
-    lengths, trained = [], 0
-    for index, sample in enumerate(samples):
-        sample_id = sample.get("id", index) if isinstance(sample, dict) else index
-        try:
-            input_ids, labels = preprocess_sample(tokenizer, sample, sample_id, mm_use_im_start_end)
-        except PreprocessError as err:
-            bad.setdefault(err.kind, []).append((index, sample_id, err.reason))
-            continue
-        lengths.append(len(input_ids))
-        trained += sum(label != IGNORE_INDEX for label in labels)
-    print(f"samples: {len(samples)}   ok: {len(lengths)}   bad: {sum(len(v) for v in bad.values())}")
-    if lengths:
-        print(f"tokens per good sample: max {max(lengths)}, mean {sum(lengths) / len(lengths):.1f}; "
-              f"trained tokens: {trained} ({100.0 * trained / sum(lengths):.1f}%)")
-    for kind in sorted(bad, key=lambda k: -len(bad[k])):
-        entries = bad[kind]
-        ids = ", ".join(repr(sample_id) for _, sample_id, _ in entries[:MAX_IDS_LISTED])
-        more = f", ... ({len(entries) - MAX_IDS_LISTED} more)" if len(entries) > MAX_IDS_LISTED else ""
-        print(f"{KIND_NAMES.get(kind, kind)}: {len(entries)}   ids: {ids}{more}")
-        for index, sample_id, reason in entries[:MAX_REASONS_SHOWN]:
-            print(f"  id {sample_id!r} (#{index}): {reason}")
-    return bad
-
-
-def load_samples(path: str, limit: Optional[int]) -> List[dict]:
-    with open(path, encoding="utf-8") as f:
-        samples = json.load(f)
-    if not isinstance(samples, list):
-        raise ValueError(f"{path}: expected a JSON list of samples (LLaVA format), got {type(samples).__name__}")
-    return samples[:limit] if limit is not None else samples
-
-
-def read_mm_use_im_start_end(model_path: str) -> bool:
+def read_model_config(model_path: str) -> dict:
     config_file = os.path.join(model_path, "config.json")
     if not os.path.isfile(config_file):
-        return False
+        return {}
     with open(config_file, encoding="utf-8") as f:
-        return bool(json.load(f).get("mm_use_im_start_end", False))
+        return json.load(f)
+
+
+def tokens_per_image(args: argparse.Namespace, config: dict) -> int:
+    """--tokens-per-image, else counted from --image-tower, else from the checkpoint's tower; 0 if none."""
+    from moellava.model.multimodal_encoder.builder import count_image_tokens
+
+    if args.tokens_per_image is not None:
+        return args.tokens_per_image
+    if args.image_tower:
+        return count_image_tokens(args.image_tower, args.mm_vision_select_feature)
+    if config.get("mm_image_tower"):
+        return count_image_tokens(config["mm_image_tower"], config.get("mm_vision_select_feature", "patch"),
+                                  config.get("mm_image_tower_config"))
+    return 0
+
+
+def needs_image_tokens(path: str) -> bool:
+    return any(isinstance(item, dict) and item.get("image") for item in load_data_file(path))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -284,27 +274,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         conv = conversation_lib.set_default_conversation(args.version)
         tokenizer = load_tokenizer(args.model_path, args.family, model_max_length=args.model_max_length)
         family = args.family or detect_family(args.model_path, tokenizer)
-        samples = load_samples(args.data, args.limit) if args.data else None
+        config = read_model_config(args.model_path)
+        image_tokens = tokens_per_image(args, config)
+        samples = load_data_file(args.data) if args.data else None
+        if samples is not None and image_tokens == 0 and needs_image_tokens(args.data):
+            raise ValueError(
+                f"{args.data} has image samples, and training counts each image as the tokens it becomes: pass "
+                "--image-tower (the tower training uses) or --tokens-per-image N (576 for CLIP ViT-L/14-336)."
+            )
     except (KeyError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     family_source = "--family" if args.family else "detected"
-    mm_use_im_start_end = read_mm_use_im_start_end(args.model_path)
+    checker = SampleChecker(tokenizer, conv, image_folder=args.image_folder, tokens_per_image=image_tokens,
+                            mm_use_im_start_end=bool(config.get("mm_use_im_start_end", False)))
 
     problems = report_tokenizer(tokenizer, family, family_source)
     report_template(tokenizer, conv)
     sample = samples[0] if samples else EXAMPLE_SAMPLE
+    if not samples:
+        checker.tokens_per_image = max(image_tokens, 1)  # the example has an image
     try:
-        sample_problem = report_sample(tokenizer, sample, mm_use_im_start_end,
-                                       "First sample of --data" if samples else "Example sample")
+        sample_problem = report_sample(checker, sample, "First sample of --data" if samples else "Example sample")
     except TokenizerTemplateError as err:
         print(f"\nPROBLEM: the tokenizer does not fit --version {args.version}: {err}")
         return 1
     if sample_problem:
         problems.append(sample_problem)
     if samples is not None:
-        print(f"\n== Data {args.data}")
-        if scan_data(tokenizer, samples, mm_use_im_start_end):
+        print(f"\n== Data {args.data}" + (f" (first {args.limit} samples)" if args.limit is not None else ""))
+        if scan_data(checker, args.data, args.limit):
             problems.append("bad samples in the data")
     print("\n== Verdict")
     for problem in problems:

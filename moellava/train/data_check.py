@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from moellava import conversation as conversation_lib
 from moellava.constants import DEFAULT_IMAGE_TOKEN
-from moellava.train.preprocess import PreprocessError, preprocess, preprocess_multimodal
+from moellava.train.preprocess import PreprocessError, TokenizerTemplateError, preprocess, preprocess_multimodal
 
 logger = logging.getLogger(__name__)
 
@@ -278,6 +278,8 @@ class SampleChecker:
                               image_tokens=max(self.tokens_per_image, 1))
         except PreprocessError as err:
             raise BadSampleError(ref, f"preprocess_{err.kind}", err.reason) from None
+        except TokenizerTemplateError:
+            raise  # the tokenizer does not fit the template: a problem of the run, not of this sample
         except Exception as err:  # noqa: BLE001 - a tokenizer crash on one sample is that sample's problem
             raise BadSampleError(
                 ref, TOKENIZER_ERROR, f"the tokenizer failed on this conversation ({type(err).__name__}: {err})"
@@ -372,11 +374,13 @@ def _load_saved(path: Optional[str], key: str) -> Optional[dict]:
 
 
 def run_data_check(data_paths: Sequence[str], checker: SampleChecker, *, workers: Optional[int] = None,
-                   progress: bool = True, save_path: Optional[str] = None) -> DataCheckResult:
+                   progress: bool = True, save_path: Optional[str] = None,
+                   limit: Optional[int] = None) -> DataCheckResult:
     """Check every sample of `data_paths` (see the module docstring); reuse or write `save_path`.
-    `workers`: processes for large data (None: one per CPU core, at most 16; 0 or 1: this process)."""
+    `workers`: processes for large data (None: one per CPU core, at most 16; 0 or 1: this process);
+    `limit`: check only the first `limit` samples (the doctor's --limit)."""
     entries: List[Tuple[str, int, object]] = [(path, index, item) for path in data_paths
-                                              for index, item in enumerate(load_data_file(path))]
+                                              for index, item in enumerate(load_data_file(path))][:limit]
     samples, problems, notes = [], [], {}
     for path, index, item in entries:
         try:

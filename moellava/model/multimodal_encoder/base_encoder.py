@@ -113,5 +113,10 @@ class VisionTower(nn.Module):
     @property
     def num_tokens(self) -> int:
         """Features per image handed to the projector."""
-        with_cls = self.has_cls_token and self.select_feature == "cls_patch"
-        return self.num_patches + int(with_cls)
+        return self.count_tokens(self.config, self.select_feature)
+
+    @classmethod
+    def count_tokens(cls, vision_config, select_feature: str) -> int:
+        """Features per image of a tower with this config and feature selection (no weights needed)."""
+        patches = (vision_config.image_size // vision_config.patch_size) ** 2
+        return patches + int(cls.has_cls_token and select_feature == "cls_patch")

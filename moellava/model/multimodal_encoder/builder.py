@@ -60,3 +60,12 @@ def build_image_tower(config) -> VisionTower:
         tower_class.processor_class.from_pretrained(name).to_dict(),
         **select,
     )
+
+
+def count_image_tokens(name: str, select_feature: str = "patch", vision_config: Optional[dict] = None) -> int:
+    """Tokens one image becomes, from the tower's config alone (`vision_config`, else read from `name`)."""
+    if vision_config is None:
+        vision_config, _ = PretrainedConfig.get_config_dict(name)
+    tower_class = tower_class_for(vision_config.get("model_type"), name)
+    config = tower_class.config_class.from_dict(vision_config.get("vision_config", vision_config))
+    return tower_class.count_tokens(config, select_feature)
