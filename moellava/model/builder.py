@@ -2,22 +2,54 @@
 (never by folder name), on CPU or GPU, with MoE layers on the native backend by default (no `deepspeed`
 launcher, no process group)."""
 
+import json
 import logging
 import os
 from typing import Optional, Tuple, Union
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 import moellava.model  # noqa: F401  (registers the llava_* / moe_llava_* model types)
 from moellava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
 from moellava.model.moe_model import has_moe_layers, set_moe_backend
-from moellava.tokenization import family_for_model_type, load_tokenizer
+from moellava.tokenization import FAMILIES, family_for_model_type, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PROJECTOR_FILE = "mm_projector.bin"
+
+
+def load_config(path: str, *, cache_dir: Optional[str] = None):
+    """The config of a model folder or hub id, never running code from it (`trust_remote_code=False`); an
+    unknown `model_type` (or one that would need the folder's own code) is a clear error."""
+    try:
+        return AutoConfig.from_pretrained(path, cache_dir=cache_dir, trust_remote_code=False)
+    except (KeyError, ValueError) as err:
+        model_type = _declared_model_type(path)
+        if model_type is None or model_type in CONFIG_MAPPING:
+            raise
+        known = sorted(t for t in CONFIG_MAPPING if t.startswith(("llava_", "moe_llava_")))
+        backbones = sorted({t for family in FAMILIES.values() for t in family.model_types if t in CONFIG_MAPPING})
+        raise ValueError(
+            f"{path}/config.json has model_type {model_type!r}, which moellava does not know (moellava never runs "
+            f"Python code shipped in a model folder). Use a base LLM of type {backbones} or a checkpoint of type "
+            f"{known}; for another LLM family, add it as CUSTOM.md describes."
+        ) from err
+
+
+def _declared_model_type(path: str) -> Optional[str]:
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        return None
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            return json.load(f).get("model_type")
+    except (OSError, ValueError):
+        return None
 
 
 def resolve_dtype(torch_dtype: Union[None, str, torch.dtype], device: str) -> torch.dtype:
@@ -51,7 +83,8 @@ def load_pretrained_model(
     dtype = resolve_dtype(torch_dtype, device)
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side={padding_side!r} is not supported: use 'left' or 'right'.")
-    config = AutoConfig.from_pretrained(model_path)
+    _refuse_stage1_folder_alone(model_path, model_base)
+    config = load_config(model_path)
     model_type = config.model_type
     if not model_type.startswith(("llava_", "moe_llava_")):
         raise ValueError(
@@ -75,7 +108,7 @@ def load_pretrained_model(
         projector_file, weights_path, tokenizer_path = None, model_path, model_path
 
     model, info = AutoModelForCausalLM.from_pretrained(
-        weights_path, config=config, torch_dtype=dtype, output_loading_info=True
+        weights_path, config=config, torch_dtype=dtype, output_loading_info=True, trust_remote_code=False
     )
     if info["unexpected_keys"]:
         unexpected = sorted(info["unexpected_keys"])
@@ -92,6 +125,21 @@ def load_pretrained_model(
     model.to(device=device).eval()
     image_processor = model.get_image_tower().image_processor if model.get_image_tower() is not None else None
     return tokenizer, model, image_processor, _context_length(config)
+
+
+def has_weights(folder: str) -> bool:
+    """Whether `folder` holds model weights (safetensors or pytorch_model.bin, whole or sharded)."""
+    return any(os.path.isfile(os.path.join(folder, name))
+               for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME))
+
+
+def _refuse_stage1_folder_alone(model_path: str, model_base: Optional[str]) -> None:
+    if model_base is None and os.path.isfile(os.path.join(model_path, PROJECTOR_FILE)) and not has_weights(model_path):
+        raise ValueError(
+            f"{model_path} is a Stage-1 output (config.json + {PROJECTOR_FILE}, no LLM weights): pass the base LLM "
+            f"it was trained on as --model-base (model_base=...), e.g. --model-path {model_path} --model-base "
+            "<the MODEL of stage 1>."
+        )
 
 
 def _complete_missing_weights(model, missing_keys, projector_file: Optional[str], weights_path: str) -> None:

@@ -34,6 +34,25 @@ class LlavaCausalLMOutputWithPast(CausalLMOutputWithPast):
     attention_mask: Optional[torch.Tensor] = None
 
 
+def load_projector_file(path: str) -> dict:
+    """The tensors of a Stage-1 `mm_projector.bin`, read without running code (weights only)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file. Pass the mm_projector.bin written by Stage 1.") from None
+    except Exception as err:  # noqa: BLE001 - unpickling errors come in many types
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "Weights only load failed" in detail:
+            detail = "it holds Python objects besides tensors, and loading those could run code"
+        raise ValueError(
+            f"{path} is not a projector file written by Stage 1: it cannot be read as PyTorch tensors ({detail}). "
+            "Pass the mm_projector.bin that scripts/train_stage1.sh wrote."
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a dict of tensors: it is not an mm_projector.bin of Stage 1.")
+    return state
+
+
 class LlavaConfigMixin:
     """Placed first: `LlavaLlamaConfig(LlavaConfigMixin, LlamaConfig)`.
 
@@ -117,7 +136,7 @@ class LlavaMetaModel:
 
     def load_mm_projector(self, path: str) -> None:
         """Load a Stage-1 `mm_projector.bin`: keys containing `mm_projector.`, prefix stripped, strict."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_projector_file(path)
         weights = {key.split("mm_projector.", 1)[1]: value for key, value in state.items() if "mm_projector." in key}
         if not weights:
             raise ValueError(
@@ -420,7 +439,7 @@ class LlavaMetaForCausalLM(ABC):
 
     def _load_start_end_embeddings(self, path: str, new_rows: int) -> None:
         """Stage 1 with <im_start>/<im_end> trained their embedding rows; take them from its adapter file."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_projector_file(path)
         keys = [key for key in state if key.endswith("embed_tokens.weight")]
         if not keys:
             raise ValueError(f"{path} has no embed_tokens.weight, which --mm_use_im_start_end needs from Stage 1.")

@@ -14,11 +14,12 @@ import sys
 from typing import Optional
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from transformers import TextStreamer
 
 from moellava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
 from moellava.conversation import Conversation, get_conv_template
+from moellava.errors import run_main
 from moellava.mm_utils import KeywordsStoppingCriteria, process_images, tokenizer_image_token
 from moellava.tokenization import FAMILIES, family_for_model_type
 
@@ -116,11 +117,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def load_image(path: str) -> Image.Image:
+    """The image of `--image-file` as RGB, or a clear error (checked before the model is loaded)."""
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    except FileNotFoundError:
+        raise ValueError(f"--image-file {path}: no such file.") from None
+    except IsADirectoryError:
+        raise ValueError(f"--image-file {path} is a folder: pass the path of one image file.") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"--image-file {path} is not an image file that PIL can read (PNG, JPEG, ...).") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"--image-file {path} cannot be decoded: {err}.") from None
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING)
     if args.temperature < 0:
-        raise SystemExit(f"--temperature {args.temperature} is negative: use 0 (greedy) or more.")
+        raise ValueError(f"--temperature {args.temperature} is negative: use 0 (greedy) or more.")
+    image = load_image(args.image_file)
     tokenizer, model, image_processor, _ = load_pretrained_model(
         args.model_path, args.model_base, device=args.device, torch_dtype=args.dtype, moe_backend=args.moe_backend
     )
@@ -128,7 +145,6 @@ def main(argv=None) -> None:
     if args.conv_mode and args.conv_mode != conv_mode:
         logger.warning("Using --conv-mode %s; the checkpoint's template is %s.", args.conv_mode, conv_mode)
         conv_mode = args.conv_mode
-    image = Image.open(args.image_file).convert("RGB")
     session = ChatSession(tokenizer, model, image_processor, image, get_conv_template(conv_mode),
                           temperature=args.temperature, max_new_tokens=args.max_new_tokens)
 
@@ -150,4 +166,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -200,7 +200,8 @@ def load_tokenizer(
     """The slow tokenizer of `path` with its family's rules applied (family detected unless given)."""
     if family is not None:
         get_family(family)  # fail before loading
-    kwargs = {"use_fast": False, "padding_side": padding_side, "cache_dir": cache_dir}
+    # Code shipped in a model folder (auto_map) never runs: the QWen and Arcade100k tokenizers are our own.
+    kwargs = {"use_fast": False, "padding_side": padding_side, "cache_dir": cache_dir, "trust_remote_code": False}
     if model_max_length is not None:
         kwargs["model_max_length"] = model_max_length
     kwargs.update(_reload_safe_unk(path, family))

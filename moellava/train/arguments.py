@@ -215,5 +215,12 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
             "--tune_mm_mlp_adapter trains only the projector, and --freeze_mm_mlp_adapter freezes it: nothing "
             "would train. Drop one of them."
         )
+    adapter = model_args.pretrain_mm_mlp_adapter
+    if adapter and not os.path.isfile(adapter):
+        raise ValueError(
+            f"--pretrain_mm_mlp_adapter {adapter}: no such file. Pass the mm_projector.bin written by Stage 1 "
+            "(scripts/train_stage1.sh writes <its OUTPUT_DIR>/mm_projector.bin), or leave it out to start the "
+            "projector from scratch."
+        )
     if training_args.model_max_length < 1:
         raise ValueError(f"--model_max_length must be positive, got {training_args.model_max_length}.")

@@ -209,12 +209,51 @@ def explained_write_errors(folder: str):
         if code == errno.ENOSPC or (free is not None and free < FULL_DISK_BYTES):
             raise OSError(
                 errno.ENOSPC,
-                f"No space left on device while writing {folder} ({(free or 0) / 2**20:.0f} MiB free). Free disk "
+                f"No space left on device while writing {folder} ({_size(free or 0)} free). Free disk "
                 f"space or point --output_dir to a larger disk, then run the same command again. {keeps}",
             ) from err
         if code in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise OSError(code, f"Cannot write {folder}: {err.strerror}. Use a writable --output_dir. {keeps}") from err
         raise
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.1f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Fail before anything loads when `output_dir` cannot be created or written (every rank writes there)."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        probe = os.path.join(output_dir, f".write-test-{uuid.uuid4().hex}")
+        with open(probe, "w", encoding="utf-8") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise OSError(
+            err.errno, f"--output_dir {output_dir} is not writable ({err.strerror}): checkpoints and the trained "
+            "model go there. Pass a folder you can write to."
+        ) from None
+
+
+def report_disk_space(output_dir: str, model, keep: Optional[int]) -> None:
+    """Log the free space of `output_dir` against what the checkpoints of this run take (weights, plus 12
+    bytes of Adam states and fp32 master weights per trainable parameter); warn when it cannot hold them."""
+    free = _free_bytes(output_dir)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    optimizer = 12 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    at_once = (keep if keep and keep > 0 else 1) + 1  # the new checkpoint exists before the oldest is deleted
+    needed = at_once * (weights + optimizer) + weights  # and the final model
+    if free is None:
+        return
+    line = (f"--output_dir {output_dir}: {_size(free)} free; a checkpoint takes about {_size(weights + optimizer)} "
+            f"(weights {_size(weights)} + optimizer {_size(optimizer)}), up to {at_once} at once, plus the final "
+            "model")
+    if free < needed:
+        logger.warning("%s: about %s needed. Free space or use another --output_dir, or the run will stop at a "
+                       "save.", line, _size(needed))
+    else:
+        logger.info("%s.", line)
 
 
 # --- resuming ----------------------------------------------------------------------------------------------

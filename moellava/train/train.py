@@ -18,13 +18,13 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import transformers
-from transformers import AutoConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 import moellava.model  # noqa: F401  (registers the llava_* / moe_llava_* model types)
 from moellava import conversation as conversation_lib
+from moellava.errors import run_main
+from moellava.model.builder import has_weights, load_config
 from moellava.model.moe import build_moe_settings, freeze_for_moe_training
 from moellava.model.moe_model import has_moe_layers
 from moellava.tokenization import family_for_model_type, get_family, load_tokenizer
@@ -77,18 +77,63 @@ def model_class_for(model_type: str, moe: bool):
     return MODEL_FOR_CAUSAL_LM_MAPPING[CONFIG_MAPPING[target]]
 
 
+def requested_moe_settings(num_layers: int, model_args: ModelArguments, training_args: TrainingArguments,
+                           family: str) -> dict:
+    """The `config.moe` this run's MoE arguments describe."""
+    return build_moe_settings(
+        num_layers,
+        num_experts=model_args.num_experts,
+        moe_mode=model_args.moe_mode,
+        moe_layers_idx=model_args.moe_layers_idx,
+        top_k_experts=model_args.top_k_experts,
+        capacity_factor=model_args.capacity_factor,
+        eval_capacity_factor=model_args.eval_capacity_factor,
+        min_capacity=model_args.min_capacity,
+        use_residual=model_args.use_residual,
+        router_aux_loss_coef=model_args.router_aux_loss_coef,
+        ep_size=model_args.ep_size,
+        train_modules=model_args.train_modules or list(get_family(family).train_modules),
+        backend=resolve_moe_backend(model_args.moe_backend, training_args),
+        drop_tokens=resolve_drop_tokens(model_args),
+    )
+
+
+# What a trained MoE model is made of (cannot change), and how it routes (can).
+MOE_STRUCTURE = {"num_experts": "--num_experts (NUM_EXPERTS)", "moe_layers_idx": "--moe_mode / --moe_layers_idx "
+                 "(MOE_MODE)", "use_residual": "--use_residual (USE_RESIDUAL)"}
+MOE_ROUTING = ("top_k_experts", "capacity_factor", "eval_capacity_factor", "min_capacity", "router_aux_loss_coef")
+
+
+def continued_moe_settings(path: str, saved: dict, requested: dict, model_args: ModelArguments) -> dict:
+    """The settings of a run that continues training a MoE checkpoint: its experts and layers as saved (a
+    run asking for others is refused), routing settings as this run asks (applied, with a warning), the
+    expert layout (processes, --ep_size) of this run."""
+    structure = [(key, saved.get(key), requested[key]) for key in MOE_STRUCTURE if saved.get(key) != requested[key]]
+    if structure:
+        differences = "; ".join(f"{key}: the checkpoint has {old}, this run asks for {new} ({MOE_STRUCTURE[key]})"
+                                for key, old, new in structure)
+        raise ValueError(
+            f"{path} is a MoE checkpoint whose experts and MoE layers are trained and cannot change: {differences}. "
+            "Pass the checkpoint's values to continue training it (or upcycle its dense stage-2 model instead)."
+        )
+    routing = [(key, saved.get(key), requested[key]) for key in MOE_ROUTING if saved.get(key) != requested[key]]
+    if routing:
+        logger.warning("Continuing %s with this run's routing settings (applied; the expert weights are as "
+                       "saved): %s.", path, ", ".join(f"{key} {old} -> {new}" for key, old, new in routing))
+    return {**saved, **{key: requested[key] for key in MOE_ROUTING},
+            "train_modules": requested["train_modules"], "backend": requested["backend"],
+            "ep_size": requested["ep_size"], "drop_tokens": resolve_drop_tokens(model_args, saved.get("drop_tokens"))}
+
+
 def load_model(model_args: ModelArguments, training_args: TrainingArguments):
     """The model of `--model_name_or_path` in its LLaVA class (MoE class for stage 3)."""
     path = model_args.model_name_or_path
-    if os.path.isfile(os.path.join(path, PROJECTOR_FILE)) and not any(
-        os.path.isfile(os.path.join(path, name)) for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME,
-                                                             WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
-    ):
+    if os.path.isfile(os.path.join(path, PROJECTOR_FILE)) and not has_weights(path):
         raise ValueError(
             f"{path} is a Stage-1 output (only {PROJECTOR_FILE}): pass the base LLM as --model_name_or_path and "
             f"--pretrain_mm_mlp_adapter {os.path.join(path, PROJECTOR_FILE)}."
         )
-    config = AutoConfig.from_pretrained(path, cache_dir=training_args.cache_dir)
+    config = load_config(path, cache_dir=training_args.cache_dir)
     already_moe = has_moe_layers(config)
     if already_moe and not model_args.moe_enable:
         raise ValueError(
@@ -97,44 +142,28 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments):
     model_class = model_class_for(config.model_type, model_args.moe_enable)
     config = model_class.config_class.from_pretrained(path, cache_dir=training_args.cache_dir)
     if already_moe:
-        # The expert layout is a property of this run (processes, --ep_size), not of the checkpoint.
-        config.moe = {**config.moe, "backend": resolve_moe_backend(model_args.moe_backend, training_args),
-                      "ep_size": model_args.ep_size,
-                      "drop_tokens": resolve_drop_tokens(model_args, config.moe.get("drop_tokens"))}
+        requested = requested_moe_settings(config.num_hidden_layers, model_args, training_args,
+                                           family_for_model_type(config.model_type))
+        config.moe = continued_moe_settings(path, config.moe, requested, model_args)
     # DeepSpeed casts the model to its precision anyway; without it the Trainer keeps fp32 master weights.
     dtype = torch.float32
     if training_args.deepspeed and (training_args.bf16 or training_args.fp16):
         dtype = torch.bfloat16 if training_args.bf16 else torch.float16
-    model = model_class.from_pretrained(path, config=config, cache_dir=training_args.cache_dir, torch_dtype=dtype)
+    model = model_class.from_pretrained(path, config=config, cache_dir=training_args.cache_dir, torch_dtype=dtype,
+                                        trust_remote_code=False)
     model.config.use_cache = False
     return model
 
 
 def upcycle(model, model_args: ModelArguments, training_args: TrainingArguments, family: str) -> List[str]:
     """Stage 3: MoE layers from the dense FFNs (unless the checkpoint has them); returns the train_modules."""
-    train_modules = model_args.train_modules or list(get_family(family).train_modules)
     if not has_moe_layers(model.config):
-        settings = build_moe_settings(
-            model.config.num_hidden_layers,
-            num_experts=model_args.num_experts,
-            moe_mode=model_args.moe_mode,
-            moe_layers_idx=model_args.moe_layers_idx,
-            top_k_experts=model_args.top_k_experts,
-            capacity_factor=model_args.capacity_factor,
-            eval_capacity_factor=model_args.eval_capacity_factor,
-            min_capacity=model_args.min_capacity,
-            use_residual=model_args.use_residual,
-            router_aux_loss_coef=model_args.router_aux_loss_coef,
-            ep_size=model_args.ep_size,
-            train_modules=train_modules,
-            backend=resolve_moe_backend(model_args.moe_backend, training_args),
-            drop_tokens=resolve_drop_tokens(model_args),
-        )
+        settings = requested_moe_settings(model.config.num_hidden_layers, model_args, training_args, family)
         model.initialize_moe_modules(settings)
     else:
         logger.info("%s already has MoE layers %s: training them further.", model_args.model_name_or_path,
                     model.config.moe["moe_layers_idx"])
-    return train_modules
+    return model.config.moe["train_modules"]
 
 
 def vision_arguments(model_args: ModelArguments, config) -> Optional[ModelArguments]:
@@ -218,6 +247,7 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> Tuple[ModelArgument
 def train(argv: Optional[Sequence[str]] = None) -> None:
     model_args, data_args, training_args = parse_arguments(argv)
     setup_logging(training_args)
+    checkpointing.check_output_dir(training_args.output_dir)
     transformers.set_seed(training_args.seed)
 
     model = load_model(model_args, training_args)
@@ -257,6 +287,8 @@ def train(argv: Optional[Sequence[str]] = None) -> None:
         # Frozen embeddings would give checkpointed layers inputs without grad, and no gradient at all.
         model.enable_input_require_grads()
     log_trainable(model)
+    if training_args.should_log:
+        checkpointing.report_disk_space(training_args.output_dir, model, training_args.save_total_limit)
 
     # The main process checks the data (and keeps the result); the others then read it.
     with training_args.main_process_first(local=True, desc="data check"):
@@ -303,4 +335,4 @@ def train(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    train(sys.argv[1:])
+    run_main(train, sys.argv[1:])
