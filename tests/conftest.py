@@ -9,11 +9,16 @@ reason, when that folder is absent.
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# DeepSpeed JIT-builds a CPU op into TORCH_EXTENSIONS_DIR (default ~/.cache, shared by every environment);
+# builds from two environments overwrite each other, and a process killed mid-build leaves a lock there
+# that stalls every later one. `make test` sets one folder per environment; a bare pytest run gets it too.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 TOY_FAMILIES = ("llama", "mistral", "qwen", "phi", "stablelm")
 

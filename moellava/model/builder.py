@@ -133,8 +133,13 @@ def has_weights(folder: str) -> bool:
                for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME))
 
 
+def is_stage1_output(folder: str) -> bool:
+    """A Stage-1 output folder: config.json and mm_projector.bin, no LLM weights."""
+    return os.path.isfile(os.path.join(folder, PROJECTOR_FILE)) and not has_weights(folder)
+
+
 def _refuse_stage1_folder_alone(model_path: str, model_base: Optional[str]) -> None:
-    if model_base is None and os.path.isfile(os.path.join(model_path, PROJECTOR_FILE)) and not has_weights(model_path):
+    if model_base is None and is_stage1_output(model_path):
         raise ValueError(
             f"{model_path} is a Stage-1 output (config.json + {PROJECTOR_FILE}, no LLM weights): pass the base LLM "
             f"it was trained on as --model-base (model_base=...), e.g. --model-path {model_path} --model-base "

@@ -24,7 +24,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 import moellava.model  # noqa: F401  (registers the llava_* / moe_llava_* model types)
 from moellava import conversation as conversation_lib
 from moellava.errors import run_main
-from moellava.model.builder import has_weights, load_config
+from moellava.model.builder import is_stage1_output, load_config
 from moellava.model.moe import build_moe_settings, freeze_for_moe_training
 from moellava.model.moe_model import has_moe_layers
 from moellava.tokenization import family_for_model_type, get_family, load_tokenizer
@@ -128,7 +128,7 @@ def continued_moe_settings(path: str, saved: dict, requested: dict, model_args: 
 def load_model(model_args: ModelArguments, training_args: TrainingArguments):
     """The model of `--model_name_or_path` in its LLaVA class (MoE class for stage 3)."""
     path = model_args.model_name_or_path
-    if os.path.isfile(os.path.join(path, PROJECTOR_FILE)) and not has_weights(path):
+    if is_stage1_output(path):
         raise ValueError(
             f"{path} is a Stage-1 output (only {PROJECTOR_FILE}): pass the base LLM as --model_name_or_path and "
             f"--pretrain_mm_mlp_adapter {os.path.join(path, PROJECTOR_FILE)}."
