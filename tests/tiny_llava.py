@@ -110,12 +110,16 @@ def perturb_experts(model, scale: float = 0.05, seed: int = 0) -> None:
 
 
 def build_tiny_llava_llama(out_dir: str, tokenizer_dir: str, tower_dir: str, *, seed: int = 0,
-                           moe: Optional[dict] = None, **config_overrides) -> str:
+                           moe: Optional[dict] = None, perturb_experts_seed: Optional[int] = None,
+                           **config_overrides) -> str:
     """A saved LLaVA-Llama checkpoint (weights, config, tokenizer) in `out_dir`: dense, or MoE upcycled
-    with `moe` as `build_moe_settings` keyword arguments (e.g. `moe={"num_experts": 4}`)."""
+    with `moe` as `build_moe_settings` keyword arguments (e.g. `moe={"num_experts": 4}`), its experts
+    made to differ by `perturb_experts(model, seed=perturb_experts_seed)` when that is given."""
     model = tiny_llava_llama(tokenizer_dir, tower_dir, seed=seed, **config_overrides)
     if moe is not None:
         model = upcycle_llava_llama(model, **moe)
+        if perturb_experts_seed is not None:
+            perturb_experts(model, seed=perturb_experts_seed)
     model.save_pretrained(out_dir, safe_serialization=True)
     load_tokenizer(tokenizer_dir).save_pretrained(out_dir)
     return str(out_dir)
