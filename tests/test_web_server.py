@@ -146,7 +146,10 @@ def test_a_refused_turn_changes_nothing_and_says_why(loaded, tmp_path):
 # ------------------------------------------------------------------------------------------- browser
 
 
-def find_chromium():
+@pytest.fixture(scope="module")
+def chromium():
+    """The Chromium binary (skips the test, with the reason, when there is none); first of the test's
+    fixtures, so a skip costs no checkpoint."""
     for name in (os.environ.get("MOELLAVA_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
         path = name and shutil.which(name)
         if path:
@@ -184,8 +187,7 @@ RECORD_ANSWERS = """() => {
 
 
 @pytest.mark.slow
-def test_browser_chat_streams_the_cli_answers_and_shows_upload_errors(loaded, checkpoint, tmp_path):
-    chromium = find_chromium()
+def test_browser_chat_streams_the_cli_answers_and_shows_upload_errors(chromium, loaded, checkpoint, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs Playwright (test extra)")
     first_session = greedy_session(loaded, Image.open(checkpoint["image"]).convert("RGB"))
     expected = [first_session.ask(question) for question in QUESTIONS]
