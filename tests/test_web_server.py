@@ -141,6 +141,11 @@ def test_a_refused_turn_changes_nothing_and_says_why(loaded, tmp_path):
         assert chat.add_turn({"text": " ", "files": []}, [], None) == (gr.skip(),) * 3
     with pytest.warns(UserWarning, match="no reply to regenerate"):
         assert chat.regenerate([], None) == gr.skip()
+    assert list(chat.stream([], None, 0, 1.0, MAX_NEW_TOKENS)) == [gr.skip()]  # the chat stays as it was
+
+    history, session, _ = chat.add_turn({"text": "What is it?", "files": []}, [], None)
+    with pytest.warns(UserWarning, match="The last question has no answer yet"):
+        assert chat.add_turn({"text": "And now?", "files": []}, history, session) == (gr.skip(),) * 3
 
 
 # ------------------------------------------------------------------------------------------- browser

@@ -94,6 +94,9 @@ class WebChat:
         if not text:
             gr.Warning("Type a question to go with the images.")
             return gr.skip(), gr.skip(), gr.skip()
+        if session is not None and session.awaits_reply:
+            gr.Warning("The last question has no answer yet: wait for it, or press Regenerate.")
+            return gr.skip(), gr.skip(), gr.skip()
         try:
             images = [load_upload(path, self.max_upload_bytes) for path in files]
         except UploadError as error:
@@ -110,7 +113,8 @@ class WebChat:
     def stream(self, history: list, session: Optional[ChatSession], temperature: float, top_p: float,
                max_new_tokens: float):
         """The open turn's reply, shown as it is generated."""
-        if session is None or session.conv.messages[-1][1] is not None:
+        if session is None or not session.awaits_reply:  # the turn was refused
+            yield gr.skip()  # (a generator that yields nothing would empty the chat)
             return
         session.temperature, session.top_p, session.max_new_tokens = temperature, top_p, int(max_new_tokens)
         history = list(history)
@@ -155,10 +159,12 @@ def build_demo(chat: WebChat, title: str, description: str, examples: List[dict]
                 max_tokens_slider = gr.Slider(1, 2048, value=max_new_tokens, step=1, label="Max new tokens")
                 gr.Examples(examples=[[example] for example in examples], inputs=[box], label="Examples")
         settings = [temperature_slider, top_p_slider, max_tokens_slider]
-        box.submit(chat.add_turn, [box, chatbot, session], [chatbot, session, box]).then(
-            chat.stream, [chatbot, session, *settings], [chatbot])
-        regenerate.click(chat.regenerate, [chatbot, session], [chatbot]).then(
-            chat.stream, [chatbot, session, *settings], [chatbot])
-        clear.click(chat.clear, None, [chatbot, session, box])
-        chatbot.clear(chat.clear, None, [chatbot, session, box])  # the chat's own bin icon
+        # One queue for every event: a turn cannot be added or cleared while an answer is being generated.
+        queue = dict(concurrency_id="model", concurrency_limit=1)
+        box.submit(chat.add_turn, [box, chatbot, session], [chatbot, session, box], **queue).then(
+            chat.stream, [chatbot, session, *settings], [chatbot], **queue)
+        regenerate.click(chat.regenerate, [chatbot, session], [chatbot], **queue).then(
+            chat.stream, [chatbot, session, *settings], [chatbot], **queue)
+        clear.click(chat.clear, None, [chatbot, session, box], **queue)
+        chatbot.clear(chat.clear, None, [chatbot, session, box], **queue)  # the chat's own bin icon
     return demo

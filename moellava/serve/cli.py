@@ -108,11 +108,16 @@ class ChatSession:
         return self.reply(streamer)
 
     def reopen_last_turn(self) -> None:
-        """Forget the last reply so that `reply` generates it anew (regenerate)."""
+        """Forget the last reply (if it has one) so that `reply` generates it anew (regenerate)."""
         messages = self.conv.messages
-        if len(messages) <= self.conv.offset or messages[-1][0] != self.conv.roles[1] or messages[-1][1] is None:
+        if len(messages) <= self.conv.offset or messages[-1][0] != self.conv.roles[1]:
             raise ValueError("There is no reply to regenerate yet: ask a question first.")
         messages[-1][1] = None
+
+    @property
+    def awaits_reply(self) -> bool:
+        """Whether the last turn is open: asked, and not answered (yet)."""
+        return len(self.conv.messages) > self.conv.offset and self.conv.messages[-1][1] is None
 
     def stream_reply(self) -> Iterator[str]:
         """`reply` in a background thread, yielding the reply so far as tokens arrive and last the reply as
