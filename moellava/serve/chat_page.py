@@ -64,11 +64,12 @@ def write_examples(folder: str) -> List[dict]:
 
 
 def describe_model(model_path: str, model, conv_mode: str) -> str:
+    """One line under the title: checkpoint, template, MoE layers, device and dtype."""
     blocks = moe_blocks(model)
     if blocks:
         layers = ", ".join(str(block.layer_idx) for block in blocks)
-        moe = (f"MoE layers {layers}: {blocks[0].num_experts} experts, top-{blocks[0].top_k}, "
-               f"{blocks[0].backend} backend")
+        experts = "/".join(str(n) for n in sorted({block.num_experts for block in blocks}))
+        moe = f"MoE layers {layers}: {experts} experts, top-{blocks[0].top_k}, {blocks[0].backend} backend"
     else:
         moe = "dense (no MoE layers)"
     parameter = next(model.parameters())
