@@ -68,8 +68,8 @@ class ChatSession:
         self.temperature = temperature
         self.top_p = top_p
         self.max_new_tokens = max_new_tokens
-        self.images: List[torch.Tensor] = []  # pixel values of every image placed in the prompt, in order
-        self.pending = [] if image is None else [image] if isinstance(image, Image.Image) else list(image)
+        self.images: List[torch.Tensor] = []  # pixel values of every image given so far, in prompt order
+        self.unplaced = 0  # images given that the next user turn places
         if getattr(model.config, "mm_use_im_start_end", False):
             self.image_prefix = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN + "\n"
         else:
@@ -78,16 +78,22 @@ class ChatSession:
         # undertrained model may still pick one, and the reply could not be decoded.
         rows = model.get_output_embeddings().weight.shape[0]
         self.suppress_tokens = list(range(len(tokenizer), rows)) or None
+        self.add_images([] if image is None else [image] if isinstance(image, Image.Image) else list(image))
 
-    def add_user_turn(self, message: str, images: Sequence[Image.Image] = ()) -> None:
-        """Append the user's message, after one placeholder per new image, and an open assistant turn."""
-        new_images = self.pending + list(images)
-        self.pending = []
-        if new_images:
-            message = self.image_prefix * len(new_images) + message
-            pixels = process_images(new_images, self.image_processor, self.model.config)
+    def add_images(self, images: Sequence[Image.Image]) -> None:
+        """Preprocess images for the next user turn (as the checkpoint was trained)."""
+        if images:
+            pixels = process_images(images, self.image_processor, self.model.config)
             dtype = next(self.model.parameters()).dtype
             self.images.extend(p.to(device=self.model.device, dtype=dtype) for p in pixels)
+            self.unplaced += len(images)
+
+    def add_user_turn(self, message: str, images: Sequence[Image.Image] = ()) -> None:
+        """Append the user's message, after one placeholder per image not yet placed, and an open assistant
+        turn."""
+        self.add_images(images)
+        message = self.image_prefix * self.unplaced + message
+        self.unplaced = 0
         self.conv.append_message(self.conv.roles[0], message)
         self.conv.append_message(self.conv.roles[1], None)
 
