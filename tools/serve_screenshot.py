@@ -81,6 +81,7 @@ def main() -> None:
                 question.fill("And this one?")
                 question.press("Enter")
                 expect(page.get_by_text("notes.png is not a readable image")).to_be_visible()
+                page.wait_for_timeout(1500)  # the notice slides in; the refused turn's queue entry ends
                 page.screenshot(path=args.output)
                 browser.close()
         finally:
