@@ -110,12 +110,16 @@ def perturb_experts(model, scale: float = 0.05, seed: int = 0) -> None:
 
 
 def build_tiny_llava_llama(out_dir: str, tokenizer_dir: str, tower_dir: str, *, seed: int = 0,
-                           moe: Optional[dict] = None, **config_overrides) -> str:
+                           moe: Optional[dict] = None, perturb_experts_seed: Optional[int] = None,
+                           **config_overrides) -> str:
     """A saved LLaVA-Llama checkpoint (weights, config, tokenizer) in `out_dir`: dense, or MoE upcycled
-    with `moe` as `build_moe_settings` keyword arguments (e.g. `moe={"num_experts": 4}`)."""
+    with `moe` as `build_moe_settings` keyword arguments (e.g. `moe={"num_experts": 4}`), its experts
+    made to differ by `perturb_experts(model, seed=perturb_experts_seed)` when that is given."""
     model = tiny_llava_llama(tokenizer_dir, tower_dir, seed=seed, **config_overrides)
     if moe is not None:
         model = upcycle_llava_llama(model, **moe)
+        if perturb_experts_seed is not None:
+            perturb_experts(model, seed=perturb_experts_seed)
     model.save_pretrained(out_dir, safe_serialization=True)
     load_tokenizer(tokenizer_dir).save_pretrained(out_dir)
     return str(out_dir)
@@ -154,3 +158,35 @@ def random_pixels(num_images: int, image_size: int = TINY_TOWER["image_size"], s
     """Preprocessed-looking pixel values [N, 3, S, S]."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(num_images, 3, image_size, image_size, generator=generator)
+
+
+def fit_to_conversation(model, tokenizer, image_processor, image_path: str, turns, *, steps: int = 60,
+                        lr: float = 3e-3, seed: int = 0):
+    """Train `model` in place on one image conversation in the `v1` template (`turns`: (question, answer)
+    pairs, the image in the first question) until it has learned it: a tiny model whose greedy replies
+    are words that end with the template's end token, like a trained one's. Returns the model in eval mode."""
+    from moellava import conversation
+    from moellava.mm_utils import process_images
+    from moellava.train.preprocess import preprocess
+
+    source = []
+    for index, (question, answer) in enumerate(turns):
+        source += [{"from": "human", "value": ("<image>\n" if index == 0 else "") + question},
+                   {"from": "gpt", "value": answer}]
+    previous = conversation.default_conversation
+    conversation.set_default_conversation("v1")
+    try:
+        sample = preprocess([source], tokenizer, has_image=True)
+    finally:
+        conversation.default_conversation = previous
+    input_ids, labels = sample["input_ids"][0][None], sample["labels"][0][None]
+    pixels = process_images([Image.open(image_path).convert("RGB")], image_processor, model.config)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids, labels=labels, images=pixels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
