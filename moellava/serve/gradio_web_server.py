@@ -22,6 +22,7 @@ import signal
 import tempfile
 import warnings
 
+from moellava.errors import run_main
 from moellava.serve.cli import add_model_arguments, load_chat_model
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if importlib.util.find_spec("gradio") is None:
-        raise SystemExit("The web demo needs Gradio: pip install -e '.[serve]' (`make install` does).")
+        raise ValueError("The web demo needs Gradio: pip install -e '.[serve]' (`make install` does).")
     tokenizer, model, image_processor, conv_mode = load_chat_model(args)
     workdir = tempfile.mkdtemp(prefix="moellava-web-")
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
@@ -86,4 +87,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
