@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from moellava.constants import IMAGE_TOKEN_INDEX
+from moellava.model.moe import load_balance
 from moellava.vis.routes import ANSWER, IMAGE, INSTRUCTION, PADDING, RoutingRecords
 
 logger = logging.getLogger(__name__)
@@ -92,14 +93,6 @@ def expert_shares(choice: torch.Tensor, mask: torch.Tensor, experts: int) -> tor
     """[experts] share of the masked tokens whose choice is each expert (zeros when none is masked)."""
     counts = torch.bincount(choice[mask], minlength=experts).float()
     return counts / counts.sum() if counts.sum() > 0 else counts
-
-
-def normalised_entropy(shares: torch.Tensor) -> float:
-    """Entropy of a distribution over experts divided by its maximum, log(experts): 1 = uniform."""
-    if shares.sum() <= 0 or shares.numel() < 2:
-        return float("nan")
-    nonzero = shares[shares > 0]
-    return float(-(nonzero * nonzero.log()).sum() / math.log(shares.numel()))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -289,7 +282,7 @@ def plot_entropy_balance(table: RoutingTable, plt):
             continue
         style = dict(color=GROUP_COLOURS[name], marker="o", linewidth=2, label=f"{name} tokens")
         left.plot(positions, table.entropy[mask].mean(dim=0).tolist(), **style)
-        balance = [normalised_entropy(expert_shares(table.first_choice[:, i], mask, experts))
+        balance = [load_balance(expert_shares(table.first_choice[:, i], mask, experts))
                    for i, experts in enumerate(table.num_experts)]
         right.plot(positions, balance, **style)
     left.set_title("Router entropy per token (mean)")

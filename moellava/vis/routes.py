@@ -190,8 +190,17 @@ class RoutingRecords:
                 f"{tensors_path} holds {sorted(set(tensors) ^ expected)} unlike its index {index_path} "
                 "(missing or extra tensors): the two files belong to different captures."
             )
+        stored = {"routes": tensors["roles"].shape[0], "prompt_ids": tensors["prompt_ids"].shape[0],
+                  "output_ids": tensors["output_ids"].shape[0]}
+        ends = dict.fromkeys(stored, 0)
         for entry in index["samples"]:
             try:
+                for key in stored:  # each sample's rows follow the previous sample's, within the tensors
+                    start, end = entry[key]
+                    if start != ends[key] or not start <= end <= stored[key]:
+                        raise ValueError(f"its {key} rows [{start}, {end}) do not follow on from row {ends[key]} "
+                                         f"within the {stored[key]} stored")
+                    ends[key] = end
                 routes, prompt, output = (slice(*entry[key]) for key in ("routes", "prompt_ids", "output_ids"))
                 records.add(SampleRoutes(
                     sample_id=entry["id"],
@@ -206,13 +215,10 @@ class RoutingRecords:
                 ))
             except (KeyError, TypeError, ValueError) as err:
                 raise RoutingFileError(
-                    f"{index_path}: sample {entry.get('id')!r} does not match {tensors_path} ({err})."
+                    f"{index_path}: sample {entry.get('id')!r} does not match {tensors_path} ({err}): the two files "
+                    "belong to different captures."
                 ) from None
-        counts = {"routes": sum(len(s) for s in records.samples), "prompt_ids": sum(s.prompt_ids.shape[0] for s in
-                  records.samples), "output_ids": sum(s.output_ids.shape[0] for s in records.samples)}
-        stored = {"routes": tensors["roles"].shape[0], "prompt_ids": tensors["prompt_ids"].shape[0],
-                  "output_ids": tensors["output_ids"].shape[0]}
-        if counts != stored:
-            raise RoutingFileError(f"{index_path} indexes {counts} rows but {tensors_path} holds {stored}: the two "
+        if ends != stored:
+            raise RoutingFileError(f"{index_path} indexes {ends} rows but {tensors_path} holds {stored}: the two "
                                    "files belong to different captures.")
         return records
