@@ -121,6 +121,11 @@ def test_left_padded_batch_rows_route_like_single_prompts_and_pad_after_eos(mode
             new = out[:, width:]
             eos = int(new[1, 1])  # pretend row 1 ended at its second token
             rows = recorder.finish(new, sample_ids=["long", "short"], eos_token_id=eos)
+            stop = int((new[1] == eos).nonzero()[0]) + 1
+            model.generate(ids, attention_mask=mask, images=pixels, do_sample=False, max_new_tokens=5,
+                           min_new_tokens=5, pad_token_id=tokenizer.pad_token_id)
+            # The same rows given as a list, the short one cut after its end: the same samples.
+            again = recorder.finish([new[0], new[1, :stop]], sample_ids=["long", "short"])
     finally:
         model.config.tokenizer_padding_side = None
     singles = [generate(model, RoutingRecorder(model), p[None], pixels[i:i + 1], new_tokens=5)[0]
@@ -129,8 +134,10 @@ def test_left_padded_batch_rows_route_like_single_prompts_and_pad_after_eos(mode
     assert rows[1].roles[:padding].tolist() == [PADDING] * padding
     assert rows[1].token_ids[:padding].tolist() == [-1] * padding
     assert rows[1].sample_id == "short" and torch.equal(rows[1].prompt_ids, short)
-    stop = int((new[1] == eos).nonzero()[0]) + 1
     assert rows[1].output_ids.tolist() == new[1, :stop].tolist()
+    for row, same in zip(rows, again):
+        assert torch.equal(row.roles, same.roles) and torch.equal(row.output_ids, same.output_ids)
+        assert torch.equal(row.token_ids[row.roles != PADDING], same.token_ids[same.roles != PADDING])
     generated = rows[1].roles[-4:].tolist()  # the 4 decode steps read generated tokens 0..3
     assert generated == [ANSWER] * stop + [PADDING] * (4 - stop)
     assert eos not in new[0, :4].tolist() and rows[0].roles.tolist().count(PADDING) == 0
@@ -285,3 +292,18 @@ def test_hooks_are_off_outside_the_recorder(model, prompt):
     with pytest.raises(RuntimeError, match="no recorded forward"):
         recorder.finish(torch.zeros(1, 0, dtype=torch.long))
     assert all(not block._forward_hooks for block in moe_blocks(model))
+
+
+def test_demo_step_captures_and_draws_the_figures(checkpoint, tmp_path, capsys):
+    from moellava.demo import routing
+
+    figures = routing.plot_routing(checkpoint["model"], checkpoint["data"], checkpoint["images"],
+                                   str(tmp_path / "vis"), limit=1)
+    assert sorted(p.name for p in (tmp_path / "vis").iterdir()) == sorted(
+        ["routing.json", "routing.safetensors"] + [f"{name}.{fmt}" for name in ("entropy_balance", "expert_load",
+                                                                               "modality_split", "pathways")
+                                                   for fmt in ("png", "svg")])
+    assert len(figures) == 8
+    assert len(RoutingRecords.load(str(tmp_path / "vis" / "routing"))) == 1
+    out = capsys.readouterr().out
+    assert f"+ python -m moellava.vis.plot {tmp_path / 'vis' / 'routing'} --out {tmp_path / 'vis'}" in out

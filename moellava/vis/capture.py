@@ -112,9 +112,11 @@ class RoutingRecorder:
         self._handles = []
 
     def _block_hook(self, index: int):
+        drops = self.blocks[index].drop_tokens  # a dropless block never drops: nothing to add up
+
         def hook(block, inputs, output) -> None:
             self._pending[index] = block.router_logits(inputs[0])
-            if block.last_dropped_fraction is not None:
+            if drops:
                 self._dropped[index] = self._dropped[index] + block.last_dropped_fraction
         return hook
 
@@ -201,6 +203,8 @@ class RoutingRecorder:
         roles_in_prompt = self._prompt_roles(prompt_roles, batch, prompt_length)
         lengths = [_length_to_eos(row, eos_token_id if eos_token_id is not None else
                                   self.model.generation_config.eos_token_id) for row in outputs]
+        # Rows given as a list may be shorter than the longest: the steps after their end read unknown tokens.
+        outputs = [torch.cat([row, row.new_full((generated - row.shape[0],), -1)]) for row in outputs]
         sample_ids = list(sample_ids) if sample_ids is not None else [len(self.records) + b for b in range(batch)]
         metadata = list(metadata) if metadata is not None else [{} for _ in range(batch)]
         if len(sample_ids) != batch or len(metadata) != batch:

@@ -107,7 +107,7 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt
+    return matplotlib, plt
 
 
 def expert_colours(count: int) -> list:
@@ -313,7 +313,7 @@ def plot_records(records: RoutingRecords, out_dir: str, formats: Sequence[str] =
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise ValueError(f"Unknown figure formats {unknown}: use {list(FORMATS)}.")
-    plt = _pyplot()
+    matplotlib, plt = _pyplot()
     table = routing_table(records)
     os.makedirs(out_dir, exist_ok=True)
     written = []
@@ -321,7 +321,8 @@ def plot_records(records: RoutingRecords, out_dir: str, formats: Sequence[str] =
         fig = DRAW[name](table, plt)
         for fmt in formats:
             path = os.path.join(out_dir, f"{name}.{fmt}")
-            fig.savefig(path, dpi=120, bbox_inches="tight")
+            with matplotlib.rc_context({"svg.fonttype": "none"}):  # SVG text stays text: searchable, editable
+                fig.savefig(path, dpi=120, bbox_inches="tight")
             written.append(path)
         plt.close(fig)
     return written
