@@ -1,9 +1,10 @@
 """Benchmark routing capture: eval-style generation on a tiny MoE LLaVA with and without `RoutingRecorder`.
 
 Each pass answers the same prompts (one image each, greedy, a fixed number of new tokens, KV cache on),
-as an eval answer generator does; the capture pass also calls `finish()` per answer and saves the file at
-the end. Baseline and capture passes alternate, so a change in machine load hits both alike; the median
-pass is reported, with the capture overhead as a ratio against the baseline of the same run.
+as an eval answer generator does, every prompt twice in a row: plainly, then inside `with recorder:` with
+`finish()` after it, so a change in machine load hits both alike; the capture is saved at the end of the
+pass and its time counted. The median pass is reported, with the overhead as a ratio against the
+baseline measured in the same run.
 
     python benchmarks/routing_capture.py              # 16 prompts x 32 tokens, 16 and 576 image tokens
     python benchmarks/routing_capture.py --quick      # 8 prompts x 16 tokens, 3 passes
@@ -58,36 +59,38 @@ def build(root: str, image_tokens: int):
     return model, prompts, size
 
 
-def answer_all(model, prompts, size, args, recorder=None):
-    generator = torch.Generator().manual_seed(0)
-    for i in range(args.prompts):
-        prompt = prompts[i % len(prompts)]
-        pixels = torch.randn(1, 3, size, size, generator=generator)
-        output = model.generate(prompt, images=pixels, do_sample=False, max_new_tokens=args.new_tokens,
-                                min_new_tokens=args.new_tokens, use_cache=True)
-        if recorder is not None:
-            recorder.finish(output[:, prompt.shape[1]:], sample_ids=[i])
+def answer(model, prompt, pixels, args):
+    return model.generate(prompt, images=pixels, do_sample=False, max_new_tokens=args.new_tokens,
+                          min_new_tokens=args.new_tokens, use_cache=True)
 
 
 def timed_passes(model, prompts, size, args, folder):
+    """Per pass: every prompt answered twice in a row, without and with capture (so load changes hit both
+    alike), then the capture saved. Returns the medians over passes of (baseline, capture, save) seconds."""
     baseline, capture, saving = [], [], []
     for repeat in range(args.passes + 1):  # the first round warms up and is not counted
-        start = time.perf_counter()
-        with torch.inference_mode():
-            answer_all(model, prompts, size, args)
-        base = time.perf_counter() - start
-
+        generator = torch.Generator().manual_seed(0)
         recorder = RoutingRecorder(model)
+        base = captured = 0.0
+        with torch.inference_mode():
+            for i in range(args.prompts):
+                prompt = prompts[i % len(prompts)]
+                pixels = torch.randn(1, 3, size, size, generator=generator)
+                start = time.perf_counter()
+                answer(model, prompt, pixels, args)
+                middle = time.perf_counter()
+                with recorder:
+                    output = answer(model, prompt, pixels, args)
+                    recorder.finish(output[:, prompt.shape[1]:], sample_ids=[i])
+                end = time.perf_counter()
+                base, captured = base + middle - start, captured + end - middle
         start = time.perf_counter()
-        with recorder, torch.inference_mode():
-            answer_all(model, prompts, size, args, recorder)
-        saved = time.perf_counter()
         recorder.save(os.path.join(folder, "routing"))
-        end = time.perf_counter()
+        saved = time.perf_counter() - start
         if repeat:
             baseline.append(base)
-            capture.append(end - start)
-            saving.append(end - saved)
+            capture.append(captured + saved)
+            saving.append(saved)
     return statistics.median(baseline), statistics.median(capture), statistics.median(saving)
 
 

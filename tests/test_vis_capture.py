@@ -226,9 +226,12 @@ def test_roles_of_two_images_and_three_turns_are_pinned(checkpoint, tokenizer, t
 
 def test_capture_refuses_a_sample_that_ends_with_a_question(checkpoint, tmp_path):
     data = tmp_path / "open.json"
-    data.write_text(json.dumps([{"id": "q7", "conversations": [{"from": "human", "value": "Hi?"}]}]))
-    with pytest.raises(ValueError, match=r"sample 'q7' \(entry 0\) ends with a human turn"):
-        capture.main(["--model-path", checkpoint["model"], "--data", str(data), "--output", str(tmp_path / "x")])
+    question = {"id": "q7", "conversations": [{"from": "human", "value": "Hi?"}]}
+    data.write_text(json.dumps([two_image_sample(), question]))
+    with pytest.raises(ValueError, match=r"sample 'q7' \(entry 1\) ends with a human turn"):
+        capture.main(["--model-path", checkpoint["model"], "--data", str(data), "--image-folder", checkpoint["images"],
+                      "--output", str(tmp_path / "x")])
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_routing_file_round_trip_and_errors(model, prompt, tmp_path):

@@ -353,19 +353,19 @@ def capture_dataset(model, tokenizer, image_processor, args) -> RoutingRecorder:
                                     tokens_per_image=tower.num_tokens if tower is not None else 0,
                                     mm_use_im_start_end=getattr(config, "mm_use_im_start_end", False))
     count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
+    for sample in dataset.samples[:count]:
+        if str(sample.conversations[-1].get("from", "")).lower() not in ASSISTANT_ROLES:
+            raise ValueError(
+                f"{args.data}: sample {sample.ref.sample_id!r} (entry {sample.ref.index}) ends with a human turn. "
+                "Capture regenerates (or with --reference-answers routes) each sample's last answer: end every "
+                'sample with its gpt turn (its value may be "").'
+            )
     dtype = next(model.parameters()).dtype
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
     recorder = RoutingRecorder(model, description={"conv_mode": conv.version, "data": args.data})
     with recorder, torch.inference_mode():
         for i in range(count):
-            sample = dataset.samples[i]
-            if str(sample.conversations[-1].get("from", "")).lower() not in ASSISTANT_ROLES:
-                raise ValueError(
-                    f"{args.data}: sample {sample.ref.sample_id!r} (entry {sample.ref.index}) ends with a human turn. "
-                    "Capture regenerates (or with --reference-answers routes) each sample's last answer: end every "
-                    'sample with its gpt turn (its value may be "").'
-                )
-            item, sample_id = dataset[i], sample.ref.sample_id
+            item, sample_id = dataset[i], dataset.samples[i].ref.sample_id
             prompt, roles = prompt_and_roles(item["input_ids"], item["labels"], args.reference_answers)
             input_ids = prompt.unsqueeze(0).to(model.device)
             images = torch.stack(item["images"]).to(model.device, dtype) if item["images"] else None
