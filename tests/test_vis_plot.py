@@ -16,13 +16,13 @@ from moellava.vis import plot
 from moellava.vis.routes import ANSWER, IMAGE, INSTRUCTION, PADDING, RoutingFileError, RoutingRecords, SampleRoutes
 
 
-def synthetic_sample(sample_id, num_experts, top_k, image_tokens, layers, generator):
+def synthetic_sample(sample_id, experts, top_k, image_tokens, layers, generator):
     """A prompt with one image of `image_tokens` tokens, a padded start and a short answer; routes from
     random router logits, image tokens leaning to expert 0 so the figures have structure."""
     roles = torch.tensor([PADDING] * 3 + [INSTRUCTION] * 12 + [IMAGE] * image_tokens + [INSTRUCTION] * 9
                          + [ANSWER] * 7, dtype=torch.uint8)
     logits, index, weight = [], [], []
-    for _ in layers:
+    for num_experts in experts:
         layer_logits = torch.randn(roles.shape[0], num_experts, generator=generator)
         layer_logits[roles == IMAGE, 0] += 1.5
         routing = route_tokens(layer_logits, top_k)
@@ -36,10 +36,12 @@ def synthetic_sample(sample_id, num_experts, top_k, image_tokens, layers, genera
 
 
 def synthetic_records(num_experts, top_k, image_tokens, layers=(1, 3, 5, 7), samples=3, seed=0):
+    """`num_experts`: one count for every layer, or one per layer."""
     generator = torch.Generator().manual_seed(seed)
-    records = RoutingRecords(list(layers), [num_experts] * len(layers), top_k, {"model_type": "synthetic"})
+    experts = [num_experts] * len(layers) if isinstance(num_experts, int) else list(num_experts)
+    records = RoutingRecords(list(layers), experts, top_k, {"model_type": "synthetic"})
     for i in range(samples):
-        records.add(synthetic_sample(f"s{i}", num_experts, top_k, image_tokens, layers, generator))
+        records.add(synthetic_sample(f"s{i}", experts, top_k, image_tokens, layers, generator))
     return records
 
 
@@ -122,3 +124,11 @@ def test_text_only_captures_and_several_files(tmp_path):
     synthetic_records(8, 2, image_tokens=4, layers=(0,), samples=1).save(str(tmp_path / "other"))
     with pytest.raises(RoutingFileError, match="plot the captures of different models separately"):
         plot.load_captures([str(tmp_path / "a"), str(tmp_path / "other")])
+
+
+def test_layers_with_different_numbers_of_experts(tmp_path):
+    records = synthetic_records([4, 8], 2, image_tokens=16, layers=(0, 2))
+    table = plot.routing_table(records)
+    assert int(table.first_choice[:, 0].max()) < 4 and int(table.first_choice[:, 1].max()) < 8
+    written = plot.plot_records(records, str(tmp_path), formats=["svg"])
+    assert all("4-8 experts" in open(path).read() for path in written)

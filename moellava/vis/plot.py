@@ -122,15 +122,15 @@ def expert_colours(count: int) -> list:
 
 def _subtitle(table: RoutingTable) -> str:
     images = f", {table.tokens_per_image:g} tokens per image" if table.tokens_per_image else ", no image tokens"
-    return (f"{table.roles.numel()} tokens of {table.num_samples} samples{images}; "
-            f"{max(table.num_experts)} experts, top-{table.top_k}")
+    fewest, most = min(table.num_experts), max(table.num_experts)
+    experts = f"{most}" if fewest == most else f"{fewest}-{most}"
+    return f"{table.roles.numel()} tokens of {table.num_samples} samples{images}; {experts} experts, top-{table.top_k}"
 
 
-def _layer_axis(ax, table: RoutingTable, label: bool = True) -> None:
+def _layer_axis(ax, table: RoutingTable) -> None:
     ax.set_xticks(range(len(table.layers)))
     ax.set_xticklabels([str(layer) for layer in table.layers])
-    if label:
-        ax.set_xlabel("MoE layer (decoder layer index)")
+    ax.set_xlabel("MoE layer (decoder layer index)")
 
 
 def _percent_axis(ax, label: Optional[str] = "Share of tokens") -> None:
