@@ -1,9 +1,9 @@
 """Benchmark routing capture: eval-style generation on a tiny MoE LLaVA with and without `RoutingRecorder`.
 
 Each pass answers the same prompts (one image each, greedy, a fixed number of new tokens, KV cache on),
-as an eval answer generator does, every prompt twice in a row: plainly, then inside `with recorder:` with
-`finish()` after it, so a change in machine load hits both alike; the capture is saved at the end of the
-pass and its time counted. The median pass is reported, with the overhead as a ratio against the
+as an eval answer generator does, every prompt twice in a row: plainly and inside `with recorder:` with
+`finish()` after it, in alternating order, so a change in machine load hits both alike; the capture is
+saved at the end of the pass and its time counted. The median pass is reported, with the overhead as a ratio against the
 baseline measured in the same run.
 
     python benchmarks/routing_capture.py              # 16 prompts x 32 tokens, 16 and 576 image tokens
@@ -66,7 +66,7 @@ def answer(model, prompt, pixels, args):
 
 def timed_passes(model, prompts, size, args, folder):
     """Per pass: every prompt answered twice in a row, without and with capture (so load changes hit both
-    alike), then the capture saved. Returns the medians over passes of (baseline, capture, save) seconds."""
+    alike), then the capture saved. Returns the medians over passes of (baseline, capture + save, save)."""
     baseline, capture, saving = [], [], []
     for repeat in range(args.passes + 1):  # the first round warms up and is not counted
         generator = torch.Generator().manual_seed(0)
@@ -76,14 +76,17 @@ def timed_passes(model, prompts, size, args, folder):
             for i in range(args.prompts):
                 prompt = prompts[i % len(prompts)]
                 pixels = torch.randn(1, 3, size, size, generator=generator)
-                start = time.perf_counter()
-                answer(model, prompt, pixels, args)
-                middle = time.perf_counter()
-                with recorder:
-                    output = answer(model, prompt, pixels, args)
-                    recorder.finish(output[:, prompt.shape[1]:], sample_ids=[i])
-                end = time.perf_counter()
-                base, captured = base + middle - start, captured + end - middle
+                # Which of the two goes first alternates, so neither always finds the caches warm.
+                for plain in ((True, False) if i % 2 else (False, True)):
+                    start = time.perf_counter()
+                    if plain:
+                        answer(model, prompt, pixels, args)
+                        base += time.perf_counter() - start
+                        continue
+                    with recorder:
+                        output = answer(model, prompt, pixels, args)
+                        recorder.finish(output[:, prompt.shape[1]:], sample_ids=[i])
+                    captured += time.perf_counter() - start
         start = time.perf_counter()
         recorder.save(os.path.join(folder, "routing"))
         saved = time.perf_counter() - start
