@@ -3,8 +3,9 @@
 Each pass answers the same prompts (one image each, greedy, a fixed number of new tokens, KV cache on),
 as an eval answer generator does, every prompt twice in a row: plainly and inside `with recorder:` with
 `finish()` after it, in alternating order, so a change in machine load hits both alike; the capture is
-saved at the end of the pass and its time counted. The median pass is reported, with the overhead as a ratio against the
-baseline measured in the same run.
+saved at the end of the pass and its time counted. Times are this process's CPU time (one torch thread):
+on a shared machine, wall time mostly measures the other jobs. The median pass is reported, with the
+overhead as a ratio against the baseline measured in the same run.
 
     python benchmarks/routing_capture.py              # 16 prompts x 32 tokens, 16 and 576 image tokens
     python benchmarks/routing_capture.py --quick      # 8 prompts x 16 tokens, 3 passes
@@ -78,18 +79,18 @@ def timed_passes(model, prompts, size, args, folder):
                 pixels = torch.randn(1, 3, size, size, generator=generator)
                 # Which of the two goes first alternates, so neither always finds the caches warm.
                 for plain in ((True, False) if i % 2 else (False, True)):
-                    start = time.perf_counter()
+                    start = time.process_time()
                     if plain:
                         answer(model, prompt, pixels, args)
-                        base += time.perf_counter() - start
+                        base += time.process_time() - start
                         continue
                     with recorder:
                         output = answer(model, prompt, pixels, args)
                         recorder.finish(output[:, prompt.shape[1]:], sample_ids=[i])
-                    captured += time.perf_counter() - start
-        start = time.perf_counter()
+                    captured += time.process_time() - start
+        start = time.process_time()
         recorder.save(os.path.join(folder, "routing"))
-        saved = time.perf_counter() - start
+        saved = time.process_time() - start
         if repeat:
             baseline.append(base)
             capture.append(captured + saved)
@@ -105,7 +106,7 @@ def main(argv=None):
           f"tiny MoE LLaVA (hidden 64, 4 layers, MoE layers 0 and 2, 4 experts, top-2), {args.threads} thread(s), "
           f"median of {args.passes} alternating passes")
     print()
-    print("| image tokens | baseline (s) | with capture (s) | of which save (s) | overhead |")
+    print("| image tokens | baseline (CPU s) | with capture (CPU s) | of which save (CPU s) | overhead |")
     print("|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as root:
         for image_tokens in args.image_tokens:
