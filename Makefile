@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip<25" "setuptools<76" wheel
 	$(PY) -m pip install -q -c constraints.txt torch
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,serve]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,serve,vis]'
 	touch $@
 
 # The web demo's browser test drives Debian's Chromium: installed here when missing and possible (root, or

@@ -5,7 +5,8 @@
 2. runs Stage 1 -> 2 -> 3 through `scripts/train_stage{1,2,3}.sh` (the `deepspeed` launcher, one CPU
    process) with environment overrides, showing each stage's command and its losses;
 3. asks the trained MoE model about held-out images with the CLI and prints its answers and accuracy
-   against chance.
+   against chance;
+4. captures the MoE model's routing on 48 samples and draws the routing figures into `demo_output/vis/`.
 Everything is seeded; the output goes to `demo_output/` (recreated on every run).
 """
 
@@ -23,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from moellava.demo import data, models
+from moellava.demo import data, models, routing
 
 logger = logging.getLogger("moellava.demo")
 
@@ -224,6 +225,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"  stage {number}: LM loss {first:.3f} -> {last:.3f} in {seconds:.0f} s", flush=True)
 
     scores = evaluate(stage_dirs[2], paths["image_folder"], paths["eval"])
+    routing.plot_routing(stage_dirs[2], paths["stage3"], paths["image_folder"], os.path.join(out, "vis"))
     print("\n=== Summary ===")
     for number, first, last, seconds in summary:
         print(f"Stage {number}: LM loss {first:.3f} -> {last:.3f} (mean of the first and last 20 steps; "

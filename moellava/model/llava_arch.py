@@ -272,6 +272,7 @@ class LlavaMetaForCausalLM(ABC):
         labels: Optional[torch.LongTensor],
         images: Optional[Images],
         padding_side: Optional[str] = None,
+        image_features: Optional[torch.Tensor] = None,
     ) -> Tuple:
         """Replace each -200 placeholder by its image's features.
 
@@ -281,6 +282,8 @@ class LlavaMetaForCausalLM(ABC):
         `padding_side` (default `config.tokenizer_padding_side`, else right) and cut to
         `config.tokenizer_model_max_length` when set. On a decode step (KV cache given) the mask is
         extended to the cache length + new tokens and positions are derived from it.
+        `image_features`: `encode_images(images)` when already computed; the tower is then not run again
+        (how `moellava.vis.capture` lays out, labels standing for positions, a sequence the model just saw).
         """
         placeholder = input_ids == IMAGE_TOKEN_INDEX if input_ids is not None else None
         if past_key_values is not None:
@@ -305,12 +308,17 @@ class LlavaMetaForCausalLM(ABC):
                 "images were given but this model has no image tower (config.mm_image_tower is unset). "
                 "Call model.get_model().initialize_vision_modules(model_args) first."
             )
-        pixel_values = self._stack_images(images)
-        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if image_features is None:
+            pixel_values = self._stack_images(images)
+            num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        else:
+            num_images = image_features.shape[0]
 
         mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
         self._check_image_counts((placeholder & mask).sum(1).tolist(), num_images)
-        features = self.encode_images(pixel_values) if num_images else None
+        features = image_features
+        if features is None and num_images:
+            features = self.encode_images(pixel_values)
         # Placeholders get a valid id for the lookup; their rows are dropped below.
         text_embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholder, 0))
 

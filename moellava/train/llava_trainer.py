@@ -5,6 +5,11 @@
 - a separate learning rate for the projector (`--mm_projector_lr`) and DeepSpeed-MoE optimizer groups;
 - the LM loss and the MoE load-balancing loss logged apart, the latter also per MoE layer (unweighted,
   about 1 when balanced, so a total of "about the number of layers" reads as balanced, not as stuck);
+- routing statistics per MoE layer i, averaged over the logging window: `routing/moe_layer_{i}/expert_{j}`
+  (share of the layer's token-choices routed to expert j, before capacity dropping), `.../dropped`
+  (fraction of token-choices dropped for capacity) and `.../balance` (`moe.load_balance` of the shares:
+  1 = even). They go wherever the Trainer logs go (console, trainer_state.json, `--report_to tensorboard`
+  as per-expert scalars); recording them costs a few tensor additions per step, no device sync;
 - Stage 1 (`--tune_mm_mlp_adapter`) saves only the projector, in checkpoints too; those checkpoints still
   hold the optimizer, scheduler and RNG states and resume;
 - skipped bad samples (`--skip_bad_samples`) reported at the end and kept in every checkpoint;
@@ -24,12 +29,14 @@ from transformers import Trainer
 from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
+from moellava.model.moe import load_balance, moe_blocks
 from moellava.train import checkpointing
 from moellava.train.dataset import SkipReport
 
 logger = logging.getLogger(__name__)
 
 PROJECTOR_FILE = "mm_projector.bin"
+_SHARES = "tokens_per_expert"  # the key under which a layer's expert shares accumulate between logs
 SKIP_REPORT_FILE = "skipped_samples.json"
 
 
@@ -173,6 +180,7 @@ class LLaVATrainer(Trainer):
         self.projector_only_keys = tuple(projector_only_keys) if projector_only_keys else None
         self._loss_sums: Dict[str, torch.Tensor] = {}
         self._loss_count = 0
+        self._moe_blocks = moe_blocks(self.model)
 
     # --- data ---------------------------------------------------------------------------------------------
     def _get_train_sampler(self) -> Optional[Sampler]:
@@ -237,6 +245,10 @@ class LLaVATrainer(Trainer):
             values["aux_loss_per_layer"] = stacked.mean()
             for i, loss in enumerate(stacked):
                 values[f"aux_loss_moe_layer_{i}"] = loss
+        for i, block in enumerate(self._moe_blocks):
+            counts = block.last_tokens_per_expert.float()
+            values[f"routing/moe_layer_{i}/{_SHARES}"] = counts / counts.sum().clamp(min=1)
+            values[f"routing/moe_layer_{i}/dropped"] = block.last_dropped_fraction
         for key, value in values.items():
             value = value.detach().float()
             self._loss_sums[key] = self._loss_sums.get(key, 0.0) + value
@@ -246,11 +258,20 @@ class LLaVATrainer(Trainer):
         # Training logs ("loss") come at the same step on every rank, so averaging over ranks is safe here.
         if "loss" in logs and self._loss_count:
             keys = sorted(self._loss_sums)
-            means = torch.stack([self._loss_sums[k] for k in keys]).to(self.args.device) / self._loss_count
+            values = [self._loss_sums[k].to(self.args.device).reshape(-1) for k in keys]
+            means = torch.cat(values) / self._loss_count
             if dist.is_available() and dist.is_initialized() and self.args.world_size > 1:
                 dist.all_reduce(means)
                 means /= self.args.world_size
-            logs.update({key: round(value, 4) for key, value in zip(keys, means.tolist())})
+            flat, start = means.tolist(), 0
+            for key, value in zip(keys, values):
+                mean, start = flat[start:start + value.numel()], start + value.numel()
+                if key.endswith(_SHARES):  # one value per expert, and their balance
+                    layer = key[: -len(_SHARES)]
+                    logs.update({f"{layer}expert_{j}": round(share, 4) for j, share in enumerate(mean)})
+                    logs[f"{layer}balance"] = round(load_balance(torch.tensor(mean)), 4)
+                else:
+                    logs[key] = round(mean[0], 4)
             self._loss_sums, self._loss_count = {}, 0
         super().log(logs)
 

@@ -3,7 +3,7 @@
 from .layer import MoEBlock
 from .settings import MOE_MODES, build_moe_settings, resolve_moe_layers_idx
 from .upcycle import convert_layers_to_moe, freeze_for_moe_training
-from .utils import aux_loss_total, expert_parallel_state_dict, moe_blocks, routing_stats
+from .utils import aux_loss_total, expert_parallel_state_dict, load_balance, moe_blocks, routing_stats
 
 __all__ = [
     "MOE_MODES",
@@ -13,6 +13,7 @@ __all__ = [
     "convert_layers_to_moe",
     "expert_parallel_state_dict",
     "freeze_for_moe_training",
+    "load_balance",
     "moe_blocks",
     "resolve_moe_layers_idx",
     "routing_stats",

@@ -173,6 +173,12 @@ class MoEBlock(MoE):
             output = _AuxLossGradient.apply(output, aux_loss, self.router_aux_loss_coef)
         return output
 
+    def router_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[tokens, experts] fp32 router logits of `hidden_states`, computed as both dispatchers compute
+        them. Not used by `forward`: it is for reading the routing (e.g. `moellava.vis.capture`)."""
+        tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
+        return F.linear(tokens.float(), self.deepspeed_moe.gate.wg.weight.float())
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # With expert parallelism each rank holds experts [rank * L, (rank + 1) * L) as local 0..L-1.
         # A single-process (global) checkpoint lists all experts: keep this rank's slice, renumbered.

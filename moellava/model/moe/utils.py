@@ -1,5 +1,7 @@
-"""Reading MoE blocks out of a model: the blocks, their last aux losses and routing, and a global state dict."""
+"""Reading MoE blocks out of a model: the blocks, their last aux losses and routing, the balance of a load,
+and a global state dict."""
 
+import math
 import re
 from collections import OrderedDict
 from typing import Dict, List
@@ -42,6 +44,16 @@ def routing_stats(model: nn.Module) -> List[Dict]:
         }
         for block in _blocks_after_forward(model)
     ]
+
+
+def load_balance(tokens_per_expert: torch.Tensor) -> float:
+    """How evenly tokens spread over the experts: the entropy of their shares divided by its maximum,
+    log(experts). 1.0 = every expert equally loaded, 0.0 = one expert takes everything; NaN for no tokens."""
+    counts = tokens_per_expert.detach().double().flatten()
+    if counts.numel() < 2 or counts.sum() <= 0:
+        return float("nan")
+    shares = counts[counts > 0] / counts.sum()
+    return float(-(shares * shares.log()).sum() / math.log(counts.numel()))
 
 
 def expert_parallel_state_dict(model: nn.Module) -> "OrderedDict[str, torch.Tensor]":

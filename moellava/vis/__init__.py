@@ -1,0 +1,1 @@
+"""Routing analysis: capture what the MoE experts do (`capture`), store it (`routes`), draw it (`plot`)."""
