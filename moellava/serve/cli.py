@@ -17,9 +17,15 @@ import torch
 from PIL import Image
 from transformers import TextStreamer
 
-from moellava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
 from moellava.conversation import Conversation, get_conv_template
-from moellava.mm_utils import KeywordsStoppingCriteria, process_images, tokenizer_image_token
+from moellava.mm_utils import (
+    KeywordsStoppingCriteria,
+    decode_answer,
+    image_prompt_prefix,
+    process_images,
+    tokenizer_image_token,
+    unused_vocabulary_rows,
+)
 from moellava.tokenization import FAMILIES, family_for_model_type
 
 # DeepSpeed (imported by the MoE layers) creates its loggers on stdout; here stdout carries only answers.
@@ -51,15 +57,9 @@ class ChatSession:
         dtype = next(model.parameters()).dtype
         self.images = pixels.to(device=model.device, dtype=dtype) if isinstance(pixels, torch.Tensor) else [
             p.to(device=model.device, dtype=dtype) for p in pixels]
-        if getattr(model.config, "mm_use_im_start_end", False):
-            self.image_prefix = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN + "\n"
-        else:
-            self.image_prefix = DEFAULT_IMAGE_TOKEN + "\n"
+        self.image_prefix = image_prompt_prefix(model.config)
         self.image_placed = False
-        # Vocabularies padded past the tokenizer (Qwen's, Phi-2's, StableLM-2's) have rows with no text; an
-        # undertrained model may still pick one, and the reply could not be decoded.
-        rows = model.get_output_embeddings().weight.shape[0]
-        self.suppress_tokens = list(range(len(tokenizer), rows)) or None
+        self.suppress_tokens = unused_vocabulary_rows(model, tokenizer)
 
     def ask(self, message: str, streamer: Optional[TextStreamer] = None) -> str:
         if not self.image_placed:
@@ -92,11 +92,7 @@ class ChatSession:
     def decode_reply(self, new_ids: torch.Tensor) -> str:
         """The reply as stored in history: no special tokens and no end-of-turn string, since the template
         adds its own (keeping it would double the end token in the next prompt)."""
-        text = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
-        stop = self.conv.stop_str
-        if stop and text.endswith(stop):
-            text = text[: -len(stop)].rstrip()
-        return text
+        return decode_answer(self.tokenizer, new_ids, self.conv.stop_str)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
