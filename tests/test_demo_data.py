@@ -73,10 +73,19 @@ def test_answers_depend_on_the_image(dataset):
         colour = colour_of(os.path.join(folder, sample["image"]))
         for question, answer in zip(sample["conversations"][::2], sample["conversations"][1::2]):
             text = question["value"]
-            if any(q in text for q in data.COLOUR_QUESTIONS):
-                assert answer["value"] == f"A {colour} shape."
+            short = text.endswith("\n" + data.SHORT_ANSWER_PROMPT)
+            if text.startswith(("Is there a ", "<image>\nIs there a ")):
+                subject = text.split("Is there a ", 1)[1].split(" in the image?")[0]
+                assert short and answer["value"] in ("yes", "no")
+                if subject.endswith(" shape"):
+                    assert (answer["value"] == "yes") == (subject == f"{colour} shape")
+                else:
+                    assert subject in data.SHAPES
+            elif any(q in text for q in data.COLOUR_QUESTIONS):
+                assert answer["value"] == (colour if short else f"A {colour} shape.")
             elif any(q in text for q in data.SHAPE_QUESTIONS):
-                assert answer["value"] in {f"A {shape}." for shape in data.SHAPES}
+                shapes = data.SHAPES if short else {f"A {shape}." for shape in data.SHAPES}
+                assert answer["value"] in shapes
             else:
                 assert answer["value"].startswith(f"A {colour} ")
     held_out = load(paths["eval"])
@@ -90,8 +99,10 @@ def test_every_answer_starts_with_a_space_merged_token(dataset, tmp_path):
     tokenizer = load_tokenizer(build_toy_tokenizer("llama", str(tmp_path / "tok")))
     answers = {turn["value"] for key in ("stage2", "stage3") for sample in load(paths[key])
                for turn in sample["conversations"][1::2]}
+    assert {"yes", "no", "red", "circle"} <= answers
     for answer in answers:
-        assert tokenizer.tokenize("ASSISTANT: " + answer)[2] == "▁A", answer
+        first = tokenizer.tokenize("ASSISTANT: " + answer)[2]
+        assert first.startswith("▁") and first != "▁", answer
 
 
 def test_held_out_images_are_new_and_every_combination_is_trained(dataset):

@@ -11,7 +11,7 @@ network: the GPT judge is not called here.
 
 Questions and the two answer files are paired by position, as in the original (a warning counts the
 positions whose question ids differ). A review's score pair is read from the first line of the reply
-("8 7" or "8, 7"); a reply that does not parse scores [-1, -1], as in the original.
+("8 7" or "8,7"; "8, 7" does not parse, as in the original); a reply that does not parse scores [-1, -1].
 """
 
 import argparse
