@@ -211,6 +211,11 @@ def load_for_eval(args: argparse.Namespace):
             os.path.expanduser(args.model_path), args.model_base, device=args.device, torch_dtype=args.dtype,
             padding_side="left",
         )
+    moe = getattr(model.config, "moe", None)
+    if moe and moe.get("drop_tokens") and args.batch_size > 1:
+        logger.warning("This checkpoint's MoE layers drop tokens over capacity (moe.drop_tokens): in a batch the "
+                       "questions (and their padding) share expert capacity, so answers can differ from batch-1 "
+                       "answers. Use --batch-size 1 to reproduce batch-1 numbers.")
     conv_mode = default_conv_mode(model.config)
     if args.conv_mode and args.conv_mode != conv_mode:
         logger.warning("Using --conv-mode %s; the checkpoint's template is %s.", args.conv_mode, conv_mode)

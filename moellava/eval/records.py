@@ -136,10 +136,10 @@ def command_line(main: Callable) -> Callable:
     """Run `main(argv)` as a command: warnings on stderr, an input error as one message and exit status 1."""
 
     @functools.wraps(main)
-    def run(argv=None):
+    def run(argv=None, **options):
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
         try:
-            return main(argv)
+            return main(argv, **options)
         except EvalInputError as error:
             raise SystemExit(f"error: {error}") from None
 
