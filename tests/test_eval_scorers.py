@@ -566,3 +566,21 @@ def test_report_table(tmp_path, capsys):
                                                         "metric": "test-dev accuracy (server)"}
     with pytest.raises(SystemExit, match="'vqa' is not one of"):
         report.main(["--scores-dir", str(scores), "--server-score", "vqa=1"])
+
+
+def test_the_original_command_lines_run(tmp_path):
+    """`python3 scripts/convert_*.py ...` and `python3 moellava/eval/<scorer>.py ...` as the original's
+    scripts call them (the scripts/ converters are links to the moellava.eval modules)."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    write_jsonl(tmp_path / "merge.jsonl", answers([(7, "?", "Left.")]))
+    run = subprocess.run([sys.executable, "scripts/convert_gqa_for_eval.py", "--src", str(tmp_path / "merge.jsonl"),
+                          "--dst", str(tmp_path / "pred.json")], cwd=repo, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert read(tmp_path / "pred.json") == [{"questionId": 7, "prediction": "left"}]
+    run = subprocess.run([sys.executable, "moellava/eval/eval_pope.py", "--annotation-dir", str(tmp_path / "none"),
+                          "--question-file", str(tmp_path / "merge.jsonl"), "--result-file",
+                          str(tmp_path / "merge.jsonl")], cwd=repo, capture_output=True, text=True)
+    assert run.returncode == 1 and run.stderr.startswith("error: ") and "lacks ['category']" in run.stderr

@@ -252,16 +252,22 @@ def answer_questions(args: argparse.Namespace, questions: Sequence[Question],
     encoder = PromptEncoder(tokenizer, image_processor, model.config, conv_mode)
     generator = AnswerGenerator(tokenizer, model, encoder.template.stop_str, GenerationSettings(
         args.temperature, args.top_p, args.num_beams, args.max_new_tokens))
-    if make_answer_batch is None:
-        answer_batch = lambda batch: generator.generate([e.input_ids for e in batch], [e.pixels for e in batch])
-    else:
-        answer_batch = make_answer_batch(generator, encoder, todo)
+    answer_batch = make_answer_batch(generator, encoder, todo) if make_answer_batch else None
+    write_answers(generator, encoder, todo, answers, args.batch_size, args.num_workers, answer_batch,
+                  already_done=len(chunk) - len(todo))
 
-    loader = DataLoader(_QuestionDataset(todo, encoder), batch_size=args.batch_size, num_workers=args.num_workers,
+
+def write_answers(generator: AnswerGenerator, encoder: PromptEncoder, questions: Sequence[Question],
+                  answers: AnswersFile, batch_size: int, num_workers: int, answer_batch: Optional[AnswerBatch] = None,
+                  already_done: int = 0) -> None:
+    """Answer `questions` batch by batch into `answers`, with a progress bar in questions/s."""
+    if answer_batch is None:
+        answer_batch = lambda batch: generator.generate([e.input_ids for e in batch], [e.pixels for e in batch])
+    loader = DataLoader(_QuestionDataset(questions, encoder), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_as_list, shuffle=False)
-    with tqdm(total=len(chunk), initial=len(chunk) - len(todo), unit="question", dynamic_ncols=True,
+    with tqdm(total=already_done + len(questions), initial=already_done, unit="question", dynamic_ncols=True,
               desc=os.path.basename(answers.path)) as progress:
         for batch in loader:
             texts = answer_batch(batch)
-            answers.write([todo[e.index] for e in batch], texts)
+            answers.write([questions[e.index] for e in batch], texts)
             progress.update(len(batch))
