@@ -190,7 +190,7 @@ def test_bad_input_fails_before_the_model_loads(checkpoints, tmp_path):
         model_vqa_loader.main(["--model-path", "/no/model", "--question-file", checkpoints["questions"],
                                "--image-folder", "/nowhere", "--answers-file", str(tmp_path / "a.jsonl")])
     write_jsonl(tmp_path / "bad.jsonl", [{"question_id": 1, "text": "no image"}])
-    with pytest.raises(SystemExit, match="bad.jsonl question 1 lacks \\['image'\\]"):
+    with pytest.raises(SystemExit, match="bad.jsonl line 1 lacks \\['image'\\]"):
         model_vqa_loader.main(["--model-path", "/no/model", "--question-file", str(tmp_path / "bad.jsonl"),
                                "--answers-file", str(tmp_path / "a.jsonl")])
     with pytest.raises(SystemExit, match="--batch-size 0 must be at least 1"):

@@ -18,7 +18,7 @@ import os
 from collections import defaultdict
 from typing import Dict, List, Tuple
 
-from moellava.eval.records import EvalInputError, command_line, read_jsonl, require_keys
+from moellava.eval.records import EvalInputError, command_line, read_jsonl
 
 logger = logging.getLogger("moellava.eval")
 
@@ -67,7 +67,6 @@ def convert(answers: List[dict], ground_truth) -> Dict[str, List[Tuple[str, str,
     """`{category: [(txt file, question, ground truth, answer)]}` in answers-file order."""
     results = defaultdict(list)
     for number, answer in enumerate(answers, start=1):
-        require_keys(answer, ("question_id", "prompt", "text"), f"answer {number}")
         category = answer["question_id"].split("/")[0]
         file = answer["question_id"].split("/")[-1].split(".")[0] + ".txt"
         question = mme_question(answer["prompt"], category, file, ground_truth)
@@ -92,7 +91,8 @@ def main(argv=None) -> None:
                         help="the category files go to <result-dir>/<experiment>/")
     args = parser.parse_args(argv)
     ground_truth = get_gt(args.data_path)
-    results = convert(read_jsonl(os.path.join(args.answers_dir, f"{args.experiment}.jsonl")), ground_truth)
+    answers = read_jsonl(os.path.join(args.answers_dir, f"{args.experiment}.jsonl"), ("question_id", "prompt", "text"))
+    results = convert(answers, ground_truth)
     result_dir = os.path.join(args.result_dir, args.experiment)
     os.makedirs(result_dir, exist_ok=True)
     for category, rows in results.items():

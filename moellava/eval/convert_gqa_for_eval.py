@@ -8,7 +8,7 @@
 import argparse
 from typing import List
 
-from moellava.eval.records import command_line, read_jsonl, require_keys, write_json
+from moellava.eval.records import command_line, read_jsonl, write_json
 
 
 def convert(answers: List[dict]) -> List[dict]:
@@ -21,10 +21,7 @@ def main(argv=None) -> None:
     parser.add_argument("--src", required=True, help="answers file (jsonl)")
     parser.add_argument("--dst", required=True, help="predictions file (JSON) for eval_gqa")
     args = parser.parse_args(argv)
-    answers = read_jsonl(args.src)
-    for number, answer in enumerate(answers, start=1):
-        require_keys(answer, ("question_id", "text"), f"{args.src} answer {number}")
-    write_json(args.dst, convert(answers))
+    write_json(args.dst, convert(read_jsonl(args.src, ("question_id", "text"))))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import argparse
 import logging
 import os
 
-from moellava.eval.records import EvalInputError, command_line, read_jsonl, read_table, require_keys, write_score
+from moellava.eval.records import EvalInputError, command_line, read_jsonl, read_table, write_score
 
 logger = logging.getLogger("moellava.eval")
 
@@ -60,10 +60,7 @@ def main(argv=None) -> None:
     if "index" not in columns:
         raise EvalInputError(f"{args.annotation_file} has no index column (it has {columns}).")
     result_file = os.path.join(args.result_dir, f"{args.experiment}.jsonl")
-    answers = read_jsonl(result_file)
-    for number, answer in enumerate(answers, start=1):
-        require_keys(answer, ("question_id", "text"), f"{result_file} answer {number}")
-    header, table = submission_table(columns, rows, answers)
+    header, table = submission_table(columns, rows, read_jsonl(result_file, ("question_id", "text")))
     workbook = Workbook()
     sheet = workbook.active
     sheet.append(header)

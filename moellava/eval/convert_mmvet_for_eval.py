@@ -7,7 +7,7 @@
 import argparse
 from typing import Dict, List
 
-from moellava.eval.records import command_line, read_jsonl, require_keys, write_json
+from moellava.eval.records import command_line, read_jsonl, write_json
 
 
 def convert(answers: List[dict]) -> Dict[str, str]:
@@ -20,10 +20,7 @@ def main(argv=None) -> None:
     parser.add_argument("--src", required=True, help="answers file (jsonl)")
     parser.add_argument("--dst", required=True, help="results file (JSON)")
     args = parser.parse_args(argv)
-    answers = read_jsonl(args.src)
-    for number, answer in enumerate(answers, start=1):
-        require_keys(answer, ("question_id", "text"), f"{args.src} answer {number}")
-    write_json(args.dst, convert(answers), indent=2)
+    write_json(args.dst, convert(read_jsonl(args.src, ("question_id", "text"))), indent=2)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def main(argv=None) -> None:
     data = read_json(args.annotation_file)
     if not isinstance(data, dict) or "questions" not in data or "question_type" not in data:
         raise EvalInputError(f"{args.annotation_file} lacks 'questions' / 'question_type' (SEED-Bench.json format).")
-    results = {row["question_id"]: row for row in read_jsonl(args.result_file)}
+    results = {row["question_id"]: row for row in read_jsonl(args.result_file, ("question_id", "text"))}
     missing = [q["question_id"] for q in data["questions"] if result_for(results, q["question_id"]) is None]
     if missing:
         logger.warning("SEED-Bench: %d of %d questions have no answer in %s (counted wrong, left out of the "

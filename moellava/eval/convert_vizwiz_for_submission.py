@@ -21,7 +21,7 @@ def main(argv=None) -> None:
     parser.add_argument("--score-file", default=None, help="record the submission for report (JSON)")
     args = parser.parse_args(argv)
     results, error_lines = read_answer_texts(args.result_file)
-    questions = read_jsonl(args.annotation_file)
+    questions = read_jsonl(args.annotation_file, ("question_id", "image"))
     print(f"total results: {len(results)}, total split: {len(questions)}, error_line: {error_lines}")
     unanswered = [q["question_id"] for q in questions if q["question_id"] not in results]
     if unanswered:

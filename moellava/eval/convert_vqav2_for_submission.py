@@ -30,7 +30,7 @@ def main(argv=None) -> None:
     dst = os.path.join(args.dir, "answers_upload", args.split, f"{args.ckpt}.json")
 
     results, error_lines = read_answer_texts(src)
-    questions = read_jsonl(test_split)
+    questions = read_jsonl(test_split, ("question_id",))
     print(f"total results: {len(results)}, total split: {len(questions)}, error_line: {error_lines}")
     processor = EvalAIAnswerProcessor()
     submission = [{"question_id": q["question_id"],

@@ -111,8 +111,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--requests", default=None, help="default: requests/<output name> beside the output")
     parser.add_argument("--responses", default=None, help="the judge's replies (jsonl {id, content})")
     args = parser.parse_args(argv)
-    requests = review_requests(read_jsonl(args.question), read_jsonl(args.context), read_jsonl(args.answer_list[0]),
-                               read_jsonl(args.answer_list[1]), read_json(args.rule), args.judge, args.max_tokens)
+    answer_keys = ("question_id", "text")
+    requests = review_requests(read_jsonl(args.question, ("question_id", "image", "text", "category")),
+                               read_jsonl(args.context, ("image", "caption")), read_jsonl(args.answer_list[0], answer_keys),
+                               read_jsonl(args.answer_list[1], answer_keys + ("answer_id",)), read_json(args.rule),
+                               args.judge, args.max_tokens)
     requests_file = args.requests or os.path.join(os.path.dirname(args.output), "requests",
                                                   os.path.basename(args.output))
     write_jsonl(requests_file, requests)
@@ -121,7 +124,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         print("No judge is called here (no network): send the requests, save the replies as jsonl "
               "{\"id\", \"content\"} and rerun with --responses.")
         return
-    write_jsonl(args.output, reviews_from_responses(requests, read_jsonl(args.responses)))
+    write_jsonl(args.output, reviews_from_responses(requests, read_jsonl(args.responses, ("id", "content"))))
     print(f"Reviews: {args.output}")
 
 

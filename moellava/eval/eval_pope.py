@@ -17,7 +17,7 @@ import os
 import string
 from typing import Dict, List, Optional
 
-from moellava.eval.records import EvalInputError, command_line, read_jsonl, require_keys, write_score
+from moellava.eval.records import EvalInputError, command_line, read_jsonl, write_score
 
 logger = logging.getLogger("moellava.eval")
 
@@ -93,13 +93,9 @@ def eval_category(category: str, answers: List[dict], labels: List[dict], questi
 
 def eval_pope(annotation_dir: str, question_file: str, result_file: str) -> Dict[str, Dict[str, float]]:
     """Scores per category (as printed by `main`)."""
-    questions = {}
-    for number, question in enumerate(read_jsonl(question_file), start=1):
-        require_keys(question, ("question_id", "category"), f"{question_file} question {number}")
-        questions[question["question_id"]] = question
-    answers = read_jsonl(result_file)
+    questions = {q["question_id"]: q for q in read_jsonl(question_file, ("question_id", "category"))}
+    answers = read_jsonl(result_file, ("question_id", "text"))
     for number, answer in enumerate(answers, start=1):
-        require_keys(answer, ("question_id", "text"), f"{result_file} answer {number}")
         if answer["question_id"] not in questions:
             raise EvalInputError(f"{result_file} answer {number}: question_id {answer['question_id']!r} is not in "
                                  f"{question_file}. Score the answers with the question file they answer.")
@@ -111,9 +107,7 @@ def eval_pope(annotation_dir: str, question_file: str, result_file: str) -> Dict
             raise EvalInputError(f"{annotation_dir}/{name} is not a coco_pope_<category>.json label file; the folder "
                                  "must hold only those.")
         category = name[len("coco_pope_"):-len(".json")]
-        labels = read_jsonl(os.path.join(annotation_dir, name))
-        for number, label in enumerate(labels, start=1):
-            require_keys(label, ("label",), f"{annotation_dir}/{name} line {number}")
+        labels = read_jsonl(os.path.join(annotation_dir, name), ("label",))
         category_answers = [a for a in answers if questions[a["question_id"]]["category"] == category]
         if not category_answers:
             logger.warning("POPE %s: no answers in %s; category not scored.", category, result_file)

@@ -14,7 +14,7 @@ import re
 from typing import Optional
 
 from moellava.eval.m4c_evaluator import TextVQAAccuracyEvaluator
-from moellava.eval.records import EvalInputError, command_line, read_json, read_jsonl, require_keys, write_score
+from moellava.eval.records import EvalInputError, command_line, read_json, read_jsonl, write_score
 
 
 def prompt_processor(prompt: str) -> Optional[str]:
@@ -39,8 +39,7 @@ def eval_single(annotation_file: str, result_file: str) -> dict:
         raise EvalInputError(f"{annotation_file} has no 'data' list (TextVQA's annotation format).")
     annotations = {(a["image_id"], a["question"].lower()): a for a in data["data"]}
     pred_list = []
-    for number, result in enumerate(read_jsonl(result_file), start=1):
-        require_keys(result, ("question_id", "prompt", "text"), f"{result_file} answer {number}")
+    for number, result in enumerate(read_jsonl(result_file, ("question_id", "prompt", "text")), start=1):
         question = prompt_processor(result["prompt"])
         if question is None:
             raise EvalInputError(

@@ -10,16 +10,13 @@ from typing import List
 
 from moellava.eval.answers import ImageRef, Question
 from moellava.eval.generation import answer_questions, build_parser
-from moellava.eval.records import command_line, read_jsonl, require_keys
+from moellava.eval.records import command_line, read_jsonl
 
 
 def load_questions(question_file: str, image_folder: str) -> List[Question]:
-    questions = []
-    for number, line in enumerate(read_jsonl(os.path.expanduser(question_file)), start=1):
-        require_keys(line, ("question_id", "image", "text"), f"{question_file} question {number}")
-        questions.append(Question(line["question_id"], line["text"], prompt=line["text"],
-                                  image=ImageRef(path=os.path.join(image_folder, line["image"]))))
-    return questions
+    lines = read_jsonl(os.path.expanduser(question_file), ("question_id", "image", "text"))
+    return [Question(line["question_id"], line["text"], prompt=line["text"],
+                     image=ImageRef(path=os.path.join(image_folder, line["image"]))) for line in lines]
 
 
 @command_line

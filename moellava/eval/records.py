@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 logger = logging.getLogger("moellava.eval")
 
@@ -26,8 +26,8 @@ def read_json(path: str) -> Any:
             raise EvalInputError(f"{path} is not valid JSON: {error}.") from None
 
 
-def read_jsonl(path: str) -> List[dict]:
-    """Every non-blank line of a JSON-lines file, each an object."""
+def read_jsonl(path: str, required: Sequence[str] = ()) -> List[dict]:
+    """Every non-blank line of a JSON-lines file, each an object with the `required` keys."""
     if not os.path.isfile(path):
         raise EvalInputError(f"{path} does not exist.")
     records = []
@@ -41,6 +41,9 @@ def read_jsonl(path: str) -> List[dict]:
                 raise EvalInputError(f"{path} line {number} is not valid JSON ({error}): {line[:200]!r}.") from None
             if not isinstance(record, dict):
                 raise EvalInputError(f"{path} line {number} is not a JSON object: {line[:200]!r}.")
+            missing = [key for key in required if key not in record]
+            if missing:
+                raise EvalInputError(f"{path} line {number} lacks {missing} (it has {sorted(record)}).")
             records.append(record)
     return records
 
@@ -99,12 +102,6 @@ def read_answer_texts(path: str) -> Tuple[Dict[Any, str], int]:
         logger.warning("%s: %d line(s) are not answers and were skipped (as the official converter does).", path,
                        errors)
     return texts, errors
-
-
-def require_keys(record: dict, keys: Iterable[str], where: str) -> None:
-    missing = [key for key in keys if key not in record]
-    if missing:
-        raise EvalInputError(f"{where} lacks {missing} (it has {sorted(record)}).")
 
 
 def write_json(path: str, data: Any, indent: Optional[int] = None) -> None:
