@@ -106,13 +106,14 @@ def main(argv=None) -> None:
     print(f"\nLLaVA-Llama {kind}, hidden {args.hidden}, {args.layers} layers, CLIP 32 px (16 image tokens); "
           f"{args.device}, {next(model.parameters()).dtype}; {args.questions} questions, greedy, "
           f"max_new_tokens {args.max_new_tokens}; median of {args.repeats} pass(es)\n")
-    base = statistics.median(rates[args.batch_sizes[0]])
-    print(f"| batch | questions/s | vs batch {args.batch_sizes[0]} | answers identical to batch {args.batch_sizes[0]} |")
+    first = args.batch_sizes[0]
+    base = statistics.median(rates[first])
+    print(f"| batch | questions/s | vs batch {first} | answers identical to batch {first} |")
     print("|---|---|---|---|")
     results = []
     for size in args.batch_sizes:
         rate = statistics.median(rates[size])
-        same = texts[size] == texts[args.batch_sizes[0]]
+        same = texts[size] == texts[first]
         results.append({"batch_size": size, "questions_per_s": rate, "ratio": rate / base, "identical": same})
         print(f"| {size} | {rate:.2f} | {rate / base:.2f}x | {'yes' if same else 'NO'} |")
     if args.json:

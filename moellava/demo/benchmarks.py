@@ -145,5 +145,6 @@ def evaluate_benchmarks(model_dir: str, paths: Dict[str, str], out_dir: str, rep
         pope = json.load(f)["metrics"]
     with open(os.path.join(scores_dir, "textvqa.json"), encoding="utf-8") as f:
         textvqa = json.load(f)["metrics"]
+    categories = pope["categories"].values()
     return {"pope_f1": pope["f1"], "pope_accuracy": pope["accuracy"], "textvqa_accuracy": textvqa["accuracy"],
-            "pope_yes_ratio": 100.0 * sum(m["yes_ratio"] for m in pope["categories"].values()) / len(pope["categories"])}
+            "pope_yes_ratio": 100.0 * sum(m["yes_ratio"] for m in categories) / len(categories)}

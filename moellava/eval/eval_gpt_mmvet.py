@@ -137,7 +137,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     print(f"{len(data)} grading requests for {args.judge}: {requests_file}")
     grade_file = f"{prefix}-grade-1runs.json"
     if args.responses is not None:
-        write_json(grade_file, grades_from_responses(read_jsonl(args.responses, ("id", "content")), args.judge), indent=4)
+        responses = read_jsonl(args.responses, ("id", "content"))
+        write_json(grade_file, grades_from_responses(responses, args.judge), indent=4)
     if not os.path.exists(grade_file):
         print("No grader is called here (no network): send the requests, save the replies as jsonl "
               "{\"id\", \"content\"} and rerun with --responses.")

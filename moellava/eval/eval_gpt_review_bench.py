@@ -111,11 +111,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--requests", default=None, help="default: requests/<output name> beside the output")
     parser.add_argument("--responses", default=None, help="the judge's replies (jsonl {id, content})")
     args = parser.parse_args(argv)
-    answer_keys = ("question_id", "text")
-    requests = review_requests(read_jsonl(args.question, ("question_id", "image", "text", "category")),
-                               read_jsonl(args.context, ("image", "caption")), read_jsonl(args.answer_list[0], answer_keys),
-                               read_jsonl(args.answer_list[1], answer_keys + ("answer_id",)), read_json(args.rule),
-                               args.judge, args.max_tokens)
+    questions = read_jsonl(args.question, ("question_id", "image", "text", "category"))
+    contexts = read_jsonl(args.context, ("image", "caption"))
+    references = read_jsonl(args.answer_list[0], ("question_id", "text"))
+    answers = read_jsonl(args.answer_list[1], ("question_id", "text", "answer_id"))
+    requests = review_requests(questions, contexts, references, answers, read_json(args.rule), args.judge,
+                               args.max_tokens)
     requests_file = args.requests or os.path.join(os.path.dirname(args.output), "requests",
                                                   os.path.basename(args.output))
     write_jsonl(requests_file, requests)

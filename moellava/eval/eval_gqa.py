@@ -63,7 +63,8 @@ def chi_square(gold: Dict[str, Dict[str, int]], predicted: Dict[str, Dict[str, i
     sizes."""
     total_score, total = 0.0, 0
     for group, answers in gold.items():
-        score = sum((predicted[group].get(answer, 0) - expected) ** 2 / expected for answer, expected in answers.items())
+        score = sum((predicted[group].get(answer, 0) - expected) ** 2 / expected
+                    for answer, expected in answers.items())
         overall = sum(answers.values())
         total_score += score * overall
         total += overall

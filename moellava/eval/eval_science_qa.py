@@ -70,7 +70,8 @@ def eval_science_qa(base_dir: str, result_file: str, split: str = "test", option
     problems = read_json(os.path.join(base_dir, "problems.json"))
     missing = [pid for pid in splits[split] if pid not in problems]
     if missing:
-        raise EvalInputError(f"{base_dir}/problems.json lacks {len(missing)} problem(s) of split {split}, e.g. {missing[0]}.")
+        raise EvalInputError(f"{base_dir}/problems.json lacks {len(missing)} problem(s) of split {split}, "
+                             f"e.g. {missing[0]}.")
     predictions = {pred["question_id"]: pred for pred in read_jsonl(result_file, ("question_id", "prompt", "text"))}
     split_problems = {pid: problems[pid] for pid in splits[split]}
 

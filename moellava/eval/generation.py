@@ -64,9 +64,10 @@ def build_parser(description: str, question_file: str, max_new_tokens: int) -> a
 
 
 def check_generation_args(args: argparse.Namespace) -> None:
-    for name in ("batch_size", "num_beams", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            raise EvalInputError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1.")
+    for flag, value in (("--batch-size", args.batch_size), ("--num_beams", args.num_beams),
+                        ("--max_new_tokens", args.max_new_tokens)):
+        if value < 1:
+            raise EvalInputError(f"{flag} {value} must be at least 1.")
     if args.temperature < 0:
         raise EvalInputError(f"--temperature {args.temperature} is negative: use 0 (greedy) or more.")
     if args.num_workers < 0:
@@ -135,6 +136,9 @@ class AnswerGenerator:
         self.suppress_tokens = unused_vocabulary_rows(model, tokenizer)
         self.dtype = next(model.parameters()).dtype
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # The end tokens generate() stops a row at (the generation config's, as in a batch-1 run).
+        eos = model.generation_config.eos_token_id
+        self.end_ids = set() if eos is None else set(eos if isinstance(eos, list) else [eos])
 
     def left_pad(self, sequences: Sequence[torch.Tensor]):
         width = max(len(ids) for ids in sequences)
@@ -171,10 +175,10 @@ class AnswerGenerator:
         return [self._answer(ids[row], output[row, ids.shape[1]:], stop) for row in range(len(input_ids))]
 
     def _answer(self, prompt_ids: torch.Tensor, new_ids: torch.Tensor, stop: KeywordsStoppingCriteria) -> str:
-        eos = self.tokenizer.eos_token_id
         length = len(new_ids)
         for step in range(1, len(new_ids) + 1):
-            if new_ids[step - 1].item() == eos or stop.sequence_ended(torch.cat([prompt_ids, new_ids[:step]])):
+            ended = new_ids[step - 1].item() in self.end_ids
+            if ended or stop.sequence_ended(torch.cat([prompt_ids, new_ids[:step]])):
                 length = step
                 break
         return decode_answer(self.tokenizer, new_ids[:length], self.stop_str)
