@@ -2,7 +2,7 @@
 # Every value can be overridden from the environment, e.g. `CKPT=checkpoints/x GPUS=0,1 bash scripts/eval/gqa.sh`.
 #
 #   CKPT        checkpoint folder                          default checkpoints/$CKPT_NAME
-#   CKPT_NAME   name of its answers and scores             default the folder name of CKPT
+#   CKPT_NAME   name of its answers and scores             default the folder name of CKPT (<run>_checkpoint-N)
 #   CONV        conversation template                      default: the checkpoint's (config.conv_template)
 #   GPUS        comma-separated GPU ids, one answer process (chunk) each   default $CUDA_VISIBLE_DEVICES, else 0
 #   EVAL        the benchmark data folder (LLaVA's eval.zip layout, docs/EVAL.md)   default eval
@@ -18,7 +18,11 @@ if [[ -z "${CKPT:-}" && -z "${CKPT_NAME:-}" ]]; then
     echo "Set CKPT (the checkpoint folder) or CKPT_NAME (a folder under checkpoints/)." >&2
     exit 2
 fi
-CKPT_NAME="${CKPT_NAME:-$(basename "${CKPT%/}")}"
+if [[ -z "${CKPT_NAME:-}" ]]; then
+    # As mm_utils.get_model_name_from_path: a checkpoint-N folder is named with its parent.
+    CKPT_NAME="$(basename "${CKPT%/}")"
+    [[ "$CKPT_NAME" == checkpoint-* ]] && CKPT_NAME="$(basename "$(dirname "${CKPT%/}")")_$CKPT_NAME"
+fi
 CKPT="${CKPT:-checkpoints/$CKPT_NAME}"
 CONV="${CONV:-}"
 GPUS="${GPUS:-${CUDA_VISIBLE_DEVICES:-0}}"
