@@ -120,7 +120,8 @@ def train_counts(train_file: str) -> Counter:
 
 
 def evaluate_benchmarks(model_dir: str, paths: Dict[str, str], out_dir: str, repo_dir: str,
-                        environment: Callable[[Dict[str, str]], Dict[str, str]], batch: int = 16) -> Dict[str, float]:
+                        environment: Callable[[Dict[str, str]], Dict[str, str]],
+                        batch: int = 16) -> Dict[str, float]:
     """Write the two sets under `out_dir/eval`, run the two eval scripts on the model (their commands and
     score lines are printed) and return the headline scores: POPE F1 and accuracy (means over the
     categories) and TextVQA accuracy, in percent."""
