@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from transformers import StoppingCriteria
 
-from moellava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from moellava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 
 
 def load_image_from_base64(data: str) -> Image.Image:
@@ -68,6 +68,33 @@ def tokenizer_image_token(prompt: str, tokenizer, image_token_index: int = IMAGE
     raise ValueError(f"Unsupported return_tensors={return_tensors!r}; use None or 'pt'.")
 
 
+def image_prompt_prefix(model_cfg) -> str:
+    """What opens a user message about an image: `<image>\n`, wrapped in `<im_start>`/`<im_end>` when the
+    checkpoint was trained with them (`mm_use_im_start_end`)."""
+    if getattr(model_cfg, "mm_use_im_start_end", False):
+        return DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN + "\n"
+    return DEFAULT_IMAGE_TOKEN + "\n"
+
+
+def unused_vocabulary_rows(model, tokenizer) -> Optional[List[int]]:
+    """Output rows past the tokenizer (`suppress_tokens` for generate), or None when there are none.
+
+    Vocabularies padded past the tokenizer (Qwen's, Phi-2's, StableLM-2's) have rows with no text; an
+    undertrained model may still pick one, and the answer could not be decoded.
+    """
+    rows = model.get_output_embeddings().weight.shape[0]
+    return list(range(len(tokenizer), rows)) or None
+
+
+def decode_answer(tokenizer, new_ids, stop_str: Optional[str]) -> str:
+    """Generated ids as answer text: no special tokens, no surrounding space, no trailing end-of-turn
+    string (a template whose end is not a special token leaves it in the decoded text)."""
+    text = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+    if stop_str and text.endswith(stop_str):
+        text = text[: -len(stop_str)].rstrip()
+    return text
+
+
 def get_model_name_from_path(model_path: str) -> str:
     """A display name for a checkpoint folder (used for answer files, never to choose code paths)."""
     parts = model_path.strip("/").split("/")
@@ -92,7 +119,8 @@ class KeywordsStoppingCriteria(StoppingCriteria):
             self.keyword_ids.append(torch.tensor(ids, dtype=torch.long))
         self.start_len = input_ids.shape[1]
 
-    def _stops(self, output_ids: torch.Tensor) -> bool:
+    def sequence_ended(self, output_ids: torch.Tensor) -> bool:
+        """Whether one sequence (1-D ids, prompt included) ends with a keyword: generation of it stops here."""
         generated = output_ids.shape[0] - self.start_len
         if generated <= 0:
             return False
@@ -104,4 +132,4 @@ class KeywordsStoppingCriteria(StoppingCriteria):
         return any(keyword and keyword in text for keyword in self.keywords)
 
     def __call__(self, output_ids: torch.LongTensor, scores: Optional[torch.FloatTensor] = None, **kwargs) -> bool:
-        return all(self._stops(row) for row in output_ids)
+        return all(self.sequence_ended(row) for row in output_ids)

@@ -73,10 +73,19 @@ def test_answers_depend_on_the_image(dataset):
         colour = colour_of(os.path.join(folder, sample["image"]))
         for question, answer in zip(sample["conversations"][::2], sample["conversations"][1::2]):
             text = question["value"]
-            if any(q in text for q in data.COLOUR_QUESTIONS):
-                assert answer["value"] == f"A {colour} shape."
+            short = text.endswith("\n" + data.SHORT_ANSWER_PROMPT)
+            if text.startswith(("Is there a ", "<image>\nIs there a ")):
+                subject = text.split("Is there a ", 1)[1].split(" in the image?")[0]
+                assert short and answer["value"] in ("yes", "no")
+                if subject.endswith(" shape"):
+                    assert (answer["value"] == "yes") == (subject == f"{colour} shape")
+                else:
+                    assert subject in data.SHAPES
+            elif any(q in text for q in data.COLOUR_QUESTIONS):
+                assert answer["value"] == (colour if short else f"A {colour} shape.")
             elif any(q in text for q in data.SHAPE_QUESTIONS):
-                assert answer["value"] in {f"A {shape}." for shape in data.SHAPES}
+                shapes = data.SHAPES if short else {f"A {shape}." for shape in data.SHAPES}
+                assert answer["value"] in shapes
             else:
                 assert answer["value"].startswith(f"A {colour} ")
     held_out = load(paths["eval"])
@@ -90,8 +99,10 @@ def test_every_answer_starts_with_a_space_merged_token(dataset, tmp_path):
     tokenizer = load_tokenizer(build_toy_tokenizer("llama", str(tmp_path / "tok")))
     answers = {turn["value"] for key in ("stage2", "stage3") for sample in load(paths[key])
                for turn in sample["conversations"][1::2]}
+    assert {"yes", "no", "red", "circle"} <= answers
     for answer in answers:
-        assert tokenizer.tokenize("ASSISTANT: " + answer)[2] == "▁A", answer
+        first = tokenizer.tokenize("ASSISTANT: " + answer)[2]
+        assert first.startswith("▁") and first != "▁", answer
 
 
 def test_held_out_images_are_new_and_every_combination_is_trained(dataset):
@@ -129,3 +140,36 @@ def test_demo_helpers():
     assert first_word("a shape", ["red", "blue"]) is None
     assert loss_change([6.0, 5.0, 4.0, 3.0, 1.0, 0.5]) == (5.5, 0.75)
     assert loss_change([2.0, 1.0]) == (2.0, 1.0)
+
+
+def test_demo_benchmark_sets(dataset):
+    """The demo's POPE-style set: per category and image one "yes" question about what the image shows and
+    one "no" question about a colour or shape it does not show, drawn as the category says; the
+    TextVQA-style set asks colour and shape with 10 reference answers."""
+    from moellava.demo import benchmarks
+
+    _, paths = dataset
+    items = load(paths["eval"])
+    counts = benchmarks.train_counts(paths["stage1"])
+    assert sum(counts[c] for c in data.COLOURS) == sum(counts[s] for s in data.SHAPES) == 40
+    questions = benchmarks.pope_questions(items, paths["image_folder"], counts)
+    assert len(questions) == 3 * 2 * len(items)
+    for category in benchmarks.POPE_CATEGORIES:
+        members = [q for q in questions if q["category"] == category]
+        assert [q["label"] for q in members] == ["yes", "no"] * len(items)
+        for index, item in enumerate(items):
+            yes, no = members[2 * index]["text"], members[2 * index + 1]["text"]
+            assert yes.endswith("\n" + data.SHORT_ANSWER_PROMPT)
+            assert (f"a {item['colour']} shape" in yes) if index % 2 == 0 else (f"a {item['shape']} in" in yes)
+            absent = no.split("Is there a ", 1)[1].split(" in the image?")[0]
+            truth = item["shape"] if index % 2 == 0 else item["colour"]
+            value = absent.replace(" shape", "")
+            assert value != truth
+            if category == "adversarial":
+                assert value == benchmarks.CONFUSED[truth]
+            if category == "popular":
+                pool = data.SHAPES if index % 2 == 0 else sorted(data.COLOURS)
+                assert value == max((v for v in pool if v != truth), key=lambda v: (counts[v], v))
+    vqa = benchmarks.textvqa_questions(items, paths["image_folder"])
+    assert vqa[0]["question"] == data.COLOUR_QUESTIONS[0] and vqa[0]["answers"] == [items[0]["colour"]] * 10
+    assert vqa[1]["answers"] == [items[0]["shape"]] * 10

@@ -2,7 +2,9 @@
 
 Every image shows a circle, a square or a triangle in red, green, blue or yellow, at a random size and
 position. Stage 1 trains on captions ("A red circle."); stages 2 and 3 on conversations whose answers
-depend on the image ("What colour is the shape?" -> "Red."), mixed with a few text-only samples. The
+depend on the image ("What colour is the shape?" -> "A red shape."; with LLaVA-1.5's short-answer
+instruction -> "red"; "Is there a circle in the image?" + the instruction -> "yes" / "no", the form of the
+POPE and VQA questions the demo evaluates on), mixed with a few text-only samples. The
 held-out set uses its own random draws (new positions and sizes), so the evaluation measures what the
 model reads from pixels, not what it memorised. Everything is deterministic given the seed.
 """
@@ -28,6 +30,8 @@ IMAGE_SIZE = 32
 COLOUR_QUESTIONS = ("What colour is the shape?", "What is the colour of the shape?", "Which colour do you see?")
 SHAPE_QUESTIONS = ("What shape is it?", "Which shape is in the image?", "What shape do you see?")
 CAPTION_QUESTIONS = ("Describe the image briefly.", "What is in the image?")
+# LLaVA-1.5's instruction for short answers (its VQA training data and benchmark question files use it).
+SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 # Text-only samples, mixed into stages 2 and 3 as in the real recipes (nlp_tune.json).
 TEXT_ONLY = (
     ("How many sides does a triangle have?", "A triangle has three sides."),
@@ -81,14 +85,43 @@ def draw(spec: ShapeSpec, image_size: int = IMAGE_SIZE) -> Image.Image:
     return image
 
 
-# Every answer starts with "A": the toy tokenizer has the piece "▁A", so the space after "ASSISTANT:" and
-# the answer's first word are one token, which training labels and generation produces after the prompt.
+# Every answer starts with "A" or a lower-case word: the toy tokenizer has the pieces "▁A", "▁red", "▁y", ...,
+# so the space after "ASSISTANT:" and the answer's first word are one token, which training labels and
+# generation produces after the prompt.
 def colour_answer(spec: ShapeSpec) -> str:
     return f"A {spec.colour} shape."
 
 
 def shape_answer(spec: ShapeSpec) -> str:
     return f"A {spec.shape}."
+
+
+def short_question(question: str) -> str:
+    return question + "\n" + SHORT_ANSWER_PROMPT
+
+
+def probe_question(subject: str) -> str:
+    """A POPE-style question about `subject`: a colour ("red shape") or a shape ("circle")."""
+    return short_question(f"Is there a {subject} in the image?")
+
+
+def probe_turn(spec: ShapeSpec, rng: random.Random) -> Tuple[str, str]:
+    """A yes/no question about the image's colour or shape, answered "yes" half of the time. Short answers
+    are lower-case, as VQA answers (and they start with a space-merged token, see below)."""
+    if rng.random() < 0.5:
+        subject = f"{spec.colour} shape" if rng.random() < 0.5 else spec.shape
+        return probe_question(subject), "yes"
+    if rng.random() < 0.5:
+        subject = f"{rng.choice([c for c in sorted(COLOURS) if c != spec.colour])} shape"
+    else:
+        subject = rng.choice([s for s in SHAPES if s != spec.shape])
+    return probe_question(subject), "no"
+
+
+def short_answer_turn(spec: ShapeSpec, rng: random.Random) -> Tuple[str, str]:
+    if rng.random() < 0.5:
+        return short_question(rng.choice(COLOUR_QUESTIONS)), spec.colour
+    return short_question(rng.choice(SHAPE_QUESTIONS)), spec.shape
 
 
 def caption_sample(sample_id: str, image: str, spec: ShapeSpec, rng: random.Random) -> dict:
@@ -103,14 +136,16 @@ def caption_sample(sample_id: str, image: str, spec: ShapeSpec, rng: random.Rand
 
 
 def conversation_sample(sample_id: str, image: str, spec: ShapeSpec, rng: random.Random) -> dict:
-    """One to three question-answer turns about the image, in random order; `<image>` opens the first."""
+    """One to four question-answer turns about the image, in random order; `<image>` opens the first."""
     turns = [
         (rng.choice(COLOUR_QUESTIONS), colour_answer(spec)),
         (rng.choice(SHAPE_QUESTIONS), shape_answer(spec)),
         (rng.choice(CAPTION_QUESTIONS), spec.caption),
+        short_answer_turn(spec, rng),
+        probe_turn(spec, rng),
     ]
     rng.shuffle(turns)
-    turns = turns[: rng.randint(1, 3)]
+    turns = turns[: rng.randint(1, 4)]
     conversations = []
     for i, (question, answer) in enumerate(turns):
         conversations.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + question})

@@ -6,7 +6,9 @@
    process) with environment overrides, showing each stage's command and its losses;
 3. asks the trained MoE model about held-out images with the CLI and prints its answers and accuracy
    against chance;
-4. captures the MoE model's routing on 48 samples and draws the routing figures into `demo_output/vis/`.
+4. evaluates it on a POPE-style and a TextVQA-style set of held-out images through scripts/eval/ (see
+   moellava/demo/benchmarks.py);
+5. captures the MoE model's routing on 48 samples and draws the routing figures into `demo_output/vis/`.
 Everything is seeded; the output goes to `demo_output/` (recreated on every run).
 """
 
@@ -24,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from moellava.demo import data, models, routing
+from moellava.demo import benchmarks, data, models, routing
 
 logger = logging.getLogger("moellava.demo")
 
@@ -225,6 +227,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"  stage {number}: LM loss {first:.3f} -> {last:.3f} in {seconds:.0f} s", flush=True)
 
     scores = evaluate(stage_dirs[2], paths["image_folder"], paths["eval"])
+    scores.update(benchmarks.evaluate_benchmarks(stage_dirs[2], paths, out, REPO_DIR, script_environment))
     routing.plot_routing(stage_dirs[2], paths["stage3"], paths["image_folder"], os.path.join(out, "vis"))
     print("\n=== Summary ===")
     for number, first, last, seconds in summary:
@@ -232,6 +235,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
               f"{'falls' if last < first else 'DOES NOT FALL'}), {seconds:.0f} s")
     print(f"Held-out accuracy: colour {scores['colour_accuracy']:.0%}, shape {scores['shape_accuracy']:.0%}, "
           f"overall {scores['accuracy']:.0%} (chance {scores['chance']:.0%})")
+    print(f"Benchmarks: POPE-style F1 {scores['pope_f1']:.1f}, accuracy {scores['pope_accuracy']:.1f}, yes ratio "
+          f"{scores['pope_yes_ratio']:.1f}; TextVQA-style accuracy {scores['textvqa_accuracy']:.1f}")
     print(f"Total time: {time.time() - start:.0f} s. Checkpoints, logs and data: {out}")
     with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
         json.dump({"stages": [{"stage": n, "first_lm_loss": a, "last_lm_loss": b, "seconds": s}

@@ -21,10 +21,16 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from transformers import StoppingCriteria, TextIteratorStreamer, TextStreamer
 
-from moellava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
 from moellava.conversation import Conversation, get_conv_template
 from moellava.errors import run_main
-from moellava.mm_utils import KeywordsStoppingCriteria, process_images, tokenizer_image_token
+from moellava.mm_utils import (
+    KeywordsStoppingCriteria,
+    decode_answer,
+    image_prompt_prefix,
+    process_images,
+    tokenizer_image_token,
+    unused_vocabulary_rows,
+)
 from moellava.tokenization import FAMILIES, family_for_model_type
 
 # DeepSpeed (imported by the MoE layers) creates its loggers on stdout; here stdout carries only answers.
@@ -71,14 +77,8 @@ class ChatSession:
         self.max_new_tokens = max_new_tokens
         self.images: List[torch.Tensor] = []  # pixel values of every image given so far, in prompt order
         self.unplaced = 0  # images given that the next user turn places
-        if getattr(model.config, "mm_use_im_start_end", False):
-            self.image_prefix = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN + "\n"
-        else:
-            self.image_prefix = DEFAULT_IMAGE_TOKEN + "\n"
-        # Vocabularies padded past the tokenizer (Qwen's, Phi-2's, StableLM-2's) have rows with no text; an
-        # undertrained model may still pick one, and the reply could not be decoded.
-        rows = model.get_output_embeddings().weight.shape[0]
-        self.suppress_tokens = list(range(len(tokenizer), rows)) or None
+        self.image_prefix = image_prompt_prefix(model.config)
+        self.suppress_tokens = unused_vocabulary_rows(model, tokenizer)
         self.add_images([] if image is None else [image] if isinstance(image, Image.Image) else list(image))
 
     def add_images(self, images: Sequence[Image.Image]) -> None:
@@ -158,11 +158,7 @@ class ChatSession:
     def decode_reply(self, new_ids: torch.Tensor) -> str:
         """The reply as stored in history: no special tokens and no end-of-turn string, since the template
         adds its own (keeping it would double the end token in the next prompt)."""
-        text = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
-        stop = self.conv.stop_str
-        if stop and text.endswith(stop):
-            text = text[: -len(stop)].rstrip()
-        return text
+        return decode_answer(self.tokenizer, new_ids, self.conv.stop_str)
 
 
 class EndOfReplies(StoppingCriteria):

@@ -1,0 +1,1 @@
+../moellava/eval/convert_gqa_for_eval.py

@@ -1,0 +1,1 @@
+../moellava/eval/convert_mmbench_for_submission.py

@@ -1,0 +1,1 @@
+../moellava/eval/convert_mmvet_for_eval.py

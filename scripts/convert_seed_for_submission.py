@@ -1,0 +1,1 @@
+../moellava/eval/convert_seed_for_submission.py

@@ -1,0 +1,1 @@
+../moellava/eval/convert_vizwiz_for_submission.py

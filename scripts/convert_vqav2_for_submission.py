@@ -1,0 +1,1 @@
+../moellava/eval/convert_vqav2_for_submission.py
