@@ -119,12 +119,17 @@ def test_answer_is_cut_where_a_single_run_stops(checkpoints):
     new = torch.tensor(tokenizer("A red shape.###USER: more", add_special_tokens=False).input_ids)
     from moellava.mm_utils import KeywordsStoppingCriteria
 
+    from moellava.mm_utils import decode_answer
+
+    def answer(new_ids):
+        return decode_answer(tokenizer, new_ids[:generator._length(prompt, new_ids, stop)], "###")
+
     stop = KeywordsStoppingCriteria(["###"], tokenizer, prompt[None])
-    assert generator._answer(prompt, new, stop) == "A red shape."
+    assert answer(new) == "A red shape."
     ended = torch.cat([torch.tensor(tokenizer("A cat", add_special_tokens=False).input_ids),
                        torch.tensor([tokenizer.eos_token_id]), new])
-    assert generator._answer(prompt, ended, stop) == "A cat"
-    assert generator._answer(prompt, new[:3], stop) == tokenizer.decode(new[:3], skip_special_tokens=True).strip()
+    assert answer(ended) == "A cat"
+    assert answer(new[:3]) == tokenizer.decode(new[:3], skip_special_tokens=True).strip()
 
 
 def test_interrupted_run_resumes_to_the_same_file(checkpoints, tmp_path, monkeypatch, caplog):
@@ -289,3 +294,27 @@ def test_mmbench_rounds_rotate_the_options(checkpoints, tmp_path):
     assert list(single[1]) == ["question_id", "round_id", "prompt", "text", "options", "option_char", "answer_id",
                                "model_id", "metadata"]
     assert run("4") == single
+
+
+def test_return_gating_logit_captures_the_routing_of_every_answer(checkpoints, tmp_path):
+    """The original's flag: the routing of each question, batched as the answers are, into a routing file
+    whose generated tokens are the answers written."""
+    from moellava.vis.routes import ANSWER, RoutingRecords
+
+    capture = tmp_path / "routes"
+    answers = run_loader(checkpoints, "moe", tmp_path / "a.jsonl", "--batch-size", "3",
+                         "--return_gating_logit", str(capture))
+    records = RoutingRecords.load(str(capture))
+    assert [sample.sample_id for sample in records.samples] == [line["question_id"] for line in answers]
+    tokenizer = checkpoints["tokenizer"]
+    for sample, line in zip(records.samples, answers):
+        # The row's tokens are its answer (cut where it alone would stop); each was routed when the model
+        # read it, the last one too if the batch read on.
+        assert tokenizer.decode(sample.output_ids, skip_special_tokens=True).strip() == line["text"]
+        routed = [int(t) for t, role in zip(sample.token_ids, sample.roles) if role == ANSWER]
+        assert len(sample.output_ids) - 1 <= len(routed) <= len(sample.output_ids)
+        assert routed == sample.output_ids.tolist()[:len(routed)]
+    assert sorted(records.layers) == [0, 2]
+    with pytest.raises(SystemExit, match="--return_gating_logit records one route per prompt: use --num_beams 1"):
+        run_loader(checkpoints, "moe", tmp_path / "b.jsonl", "--num_beams", "2",
+                   "--return_gating_logit", str(tmp_path / "x"))

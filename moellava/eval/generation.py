@@ -60,6 +60,9 @@ def build_parser(description: str, question_file: str, max_new_tokens: int) -> a
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="default: float32 on CPU, float16 on GPU")
     parser.add_argument("--local_rank", type=int, default=-1, help="accepted for the deepspeed launcher; unused")
+    parser.add_argument("--return_gating_logit", default=None, metavar="NAME",
+                        help="also capture the MoE routing of every question into NAME.safetensors + NAME.json "
+                             "(docs/VISUALIZATION.md; the original wrote NAME.pt)")
     return parser
 
 
@@ -128,11 +131,12 @@ class AnswerGenerator:
     is what makes batched greedy answers equal the batch-1 ones.
     """
 
-    def __init__(self, tokenizer, model, stop_str: str, settings: GenerationSettings):
+    def __init__(self, tokenizer, model, stop_str: str, settings: GenerationSettings, recorder=None):
         self.tokenizer = tokenizer
         self.model = model
         self.stop_str = stop_str
         self.settings = settings
+        self.recorder = recorder  # a moellava.vis.capture.RoutingRecorder (--return_gating_logit), or None
         self.suppress_tokens = unused_vocabulary_rows(model, tokenizer)
         self.dtype = next(model.parameters()).dtype
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -151,8 +155,9 @@ class AnswerGenerator:
 
     @torch.inference_mode()
     def generate(self, input_ids: Sequence[torch.Tensor], pixels: Sequence[Optional[torch.Tensor]],
-                 max_new_tokens: Optional[int] = None) -> List[str]:
-        """Answers for prompts (1-D ids) with their pixels (None for a text-only prompt), in order."""
+                 max_new_tokens: Optional[int] = None, sample_ids: Optional[Sequence] = None) -> List[str]:
+        """Answers for prompts (1-D ids) with their pixels (None for a text-only prompt), in order;
+        `sample_ids` name the prompts in the routing capture."""
         ids, mask = self.left_pad(input_ids)
         present = [p for p in pixels if p is not None]
         images = torch.stack(present).to(device=self.model.device, dtype=self.dtype) if present else None
@@ -160,28 +165,33 @@ class AnswerGenerator:
         settings = self.settings
         sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p} \
             if settings.temperature > 0 else {"do_sample": False}
-        output = self.model.generate(
-            ids,
-            attention_mask=mask,
-            images=images,
-            num_beams=settings.num_beams,
-            max_new_tokens=max_new_tokens or settings.max_new_tokens,
-            use_cache=True,
-            stopping_criteria=[stop],
-            suppress_tokens=self.suppress_tokens,
-            pad_token_id=self.pad_id,
-            **sampling,
-        )
-        return [self._answer(ids[row], output[row, ids.shape[1]:], stop) for row in range(len(input_ids))]
+        with self.recorder if self.recorder is not None else contextlib.nullcontext():
+            output = self.model.generate(
+                ids,
+                attention_mask=mask,
+                images=images,
+                num_beams=settings.num_beams,
+                max_new_tokens=max_new_tokens or settings.max_new_tokens,
+                use_cache=True,
+                stopping_criteria=[stop],
+                suppress_tokens=self.suppress_tokens,
+                pad_token_id=self.pad_id,
+                **sampling,
+            )
+        new_ids = output[:, ids.shape[1]:]
+        lengths = [self._length(ids[row], new_ids[row], stop) for row in range(len(input_ids))]
+        if self.recorder is not None:
+            self.recorder.finish(new_ids, sample_ids=sample_ids, lengths=lengths)
+        return [decode_answer(self.tokenizer, new_ids[row, :length], self.stop_str)
+                for row, length in enumerate(lengths)]
 
-    def _answer(self, prompt_ids: torch.Tensor, new_ids: torch.Tensor, stop: KeywordsStoppingCriteria) -> str:
-        length = len(new_ids)
+    def _length(self, prompt_ids: torch.Tensor, new_ids: torch.Tensor, stop: KeywordsStoppingCriteria) -> int:
+        """The tokens of a row's answer: up to where it alone would have stopped."""
         for step in range(1, len(new_ids) + 1):
             ended = new_ids[step - 1].item() in self.end_ids
             if ended or stop.sequence_ended(torch.cat([prompt_ids, new_ids[:step]])):
-                length = step
-                break
-        return decode_answer(self.tokenizer, new_ids[:length], self.stop_str)
+                return step
+        return len(new_ids)
 
 
 class _QuestionDataset(Dataset):
@@ -209,7 +219,7 @@ def load_for_eval(args: argparse.Namespace):
     # DeepSpeed (imported with the MoE layers) logs on stdout; the scores printed later keep stdout.
     with contextlib.redirect_stdout(sys.stderr):
         from moellava.model.builder import load_pretrained_model
-        from moellava.serve.cli import default_conv_mode
+        from moellava.serve.cli import resolve_conv_mode
 
         tokenizer, model, image_processor, _ = load_pretrained_model(
             os.path.expanduser(args.model_path), args.model_base, device=args.device, torch_dtype=args.dtype,
@@ -220,11 +230,7 @@ def load_for_eval(args: argparse.Namespace):
         logger.warning("This checkpoint's MoE layers drop tokens over capacity (moe.drop_tokens): in a batch the "
                        "questions (and their padding) share expert capacity, so answers can differ from batch-1 "
                        "answers. Use --batch-size 1 to reproduce batch-1 numbers.")
-    conv_mode = default_conv_mode(model.config)
-    if args.conv_mode and args.conv_mode != conv_mode:
-        logger.warning("Using --conv-mode %s; the checkpoint's template is %s.", args.conv_mode, conv_mode)
-        conv_mode = args.conv_mode
-    return tokenizer, model, image_processor, conv_mode
+    return tokenizer, model, image_processor, resolve_conv_mode(model.config, args.conv_mode)
 
 
 def answer_questions(args: argparse.Namespace, questions: Sequence[Question],
@@ -254,11 +260,29 @@ def answer_questions(args: argparse.Namespace, questions: Sequence[Question],
 
     tokenizer, model, image_processor, conv_mode = load_for_eval(args)
     encoder = PromptEncoder(tokenizer, image_processor, model.config, conv_mode)
+    recorder = routing_recorder(args, model, done=len(chunk) - len(todo))
     generator = AnswerGenerator(tokenizer, model, encoder.template.stop_str, GenerationSettings(
-        args.temperature, args.top_p, args.num_beams, args.max_new_tokens))
+        args.temperature, args.top_p, args.num_beams, args.max_new_tokens), recorder)
     answer_batch = make_answer_batch(generator, encoder, todo) if make_answer_batch else None
     write_answers(generator, encoder, todo, answers, args.batch_size, args.num_workers, answer_batch,
                   already_done=len(chunk) - len(todo))
+    if recorder is not None:
+        logger.warning("Routing of %d questions written to %s", len(todo), recorder.save(args.return_gating_logit))
+
+
+def routing_recorder(args: argparse.Namespace, model, done: int):
+    """The routing capture of `--return_gating_logit NAME` (None without it)."""
+    if not args.return_gating_logit:
+        return None
+    if args.num_beams != 1:
+        raise EvalInputError(f"--return_gating_logit records one route per prompt: use --num_beams 1, not "
+                             f"{args.num_beams}.")
+    from moellava.vis.capture import RoutingRecorder
+
+    if done:
+        logger.warning("--return_gating_logit captures the questions this run answers; the %d answered before "
+                       "(resumed answers file) are not in it.", done)
+    return RoutingRecorder(model, description={"question_file": args.question_file})
 
 
 def write_answers(generator: AnswerGenerator, encoder: PromptEncoder, questions: Sequence[Question],
@@ -266,7 +290,8 @@ def write_answers(generator: AnswerGenerator, encoder: PromptEncoder, questions:
                   already_done: int = 0) -> None:
     """Answer `questions` batch by batch into `answers`, with a progress bar in questions/s."""
     if answer_batch is None:
-        answer_batch = lambda batch: generator.generate([e.input_ids for e in batch], [e.pixels for e in batch])
+        answer_batch = lambda batch: generator.generate([e.input_ids for e in batch], [e.pixels for e in batch],
+                                                        sample_ids=[questions[e.index].question_id for e in batch])
     loader = DataLoader(_QuestionDataset(questions, encoder), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_as_list, shuffle=False)
     with tqdm(total=already_done + len(questions), initial=already_done, unit="question", dynamic_ncols=True,

@@ -176,12 +176,14 @@ class RoutingRecorder:
         prompt_roles=None,
         metadata: Optional[Sequence[Dict]] = None,
         eos_token_id=None,
+        lengths: Optional[Sequence[int]] = None,
     ) -> List[SampleRoutes]:
         """Close the generation recorded since the last `finish()`: one sample per batch row.
 
         output_ids: the generated tokens only, [B, n] (`generate(...)[:, prompt_length:]`); [B, 0] after a
           plain forward over the prompt. A row ends at its first eos (`eos_token_id`, default the model's
-          generation config); what generate appended after it is recorded as padding.
+          generation config), or after `lengths[b]` of its tokens when given (a batched generator that cuts rows
+          at a stop string); what generate appended after that is recorded as padding.
         sample_ids: one id per row (default: running numbers). metadata: one JSON dict per row.
         prompt_roles: [B, P] role codes (`INSTRUCTION` or `ANSWER`) of the prompt tokens given to generate,
           e.g. ANSWER over earlier answers of a multi-turn prompt; default all INSTRUCTION. Image and
@@ -202,8 +204,11 @@ class RoutingRecorder:
                 "several return sequences are not supported)."
             )
         roles_in_prompt = self._prompt_roles(prompt_roles, batch, prompt_length)
-        lengths = [_length_to_eos(row, eos_token_id if eos_token_id is not None else
-                                  self.model.generation_config.eos_token_id) for row in outputs]
+        if lengths is None:
+            lengths = [_length_to_eos(row, eos_token_id if eos_token_id is not None else
+                                      self.model.generation_config.eos_token_id) for row in outputs]
+        elif len(lengths) != batch:
+            raise ValueError(f"{len(lengths)} lengths for a batch of {batch}.")
         # Rows given as a list may be shorter than the longest: the steps after their end read unknown tokens.
         outputs = [torch.cat([row, row.new_full((generated - row.shape[0],), -1)]) for row in outputs]
         sample_ids = list(sample_ids) if sample_ids is not None else [len(self.records) + b for b in range(batch)]
