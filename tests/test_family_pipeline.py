@@ -159,7 +159,7 @@ def test_stage3_checkpoint_loads_with_the_family_rules(pipeline):
     _, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and info["mismatched_keys"] == []
     tokenizer, model, processor, _ = load_pretrained_model(out)
-    assert model.config.model_type == f"moe_llava_{family}" and processor is not None
+    assert model.config.model_type == f"moe_llava_{family}" and processor["image"] is not None
     layers = model.get_decoder_layers()
     assert [isinstance(layer.mlp, MoEBlock) for layer in layers] == [i % 2 == 0 for i in range(len(layers))]
     tokenizer_class, unk = TOKENIZERS[family]
@@ -187,7 +187,7 @@ def chat_session(tokenizer, model, processor, image_path, version, max_new_token
 
     from moellava.serve.cli import ChatSession
 
-    return ChatSession(tokenizer, model, processor, Image.open(image_path).convert("RGB"),
+    return ChatSession(tokenizer, model, processor["image"], Image.open(image_path).convert("RGB"),
                        conversation_lib.get_conv_template(version), temperature=0, max_new_tokens=max_new_tokens)
 
 

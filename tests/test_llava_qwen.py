@@ -94,7 +94,7 @@ def test_dense_and_stage3_checkpoints_round_trip(dense, tmp_path, toy_tokenizer_
     save_with_tokenizer(dense, stage2, toy_tokenizer_dir)
     assert json.loads((stage2 / "config.json").read_text())["model_type"] == "llava_qwen"
     tokenizer, reloaded, processor, _ = load_pretrained_model(str(stage2))
-    assert type(reloaded) is LlavaQWenForCausalLM and processor is not None
+    assert type(reloaded) is LlavaQWenForCausalLM and processor["image"] is not None
     assert type(tokenizer).__name__ == "QWenTokenizer" and tokenizer.pad_token == "<|extra_0|>"
     torch.testing.assert_close(reloaded(PROMPT, images=pixels).logits, dense(PROMPT, images=pixels).logits,
                                rtol=0, atol=0)

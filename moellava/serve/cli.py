@@ -9,8 +9,11 @@ from its family's default; `--conv-mode` overrides it. Answers go to stdout, dia
 
 import argparse
 import contextlib
+import io
 import logging
 import sys
+import urllib.error
+import urllib.request
 from typing import Optional
 
 import torch
@@ -22,12 +25,15 @@ from moellava.conversation import Conversation, get_conv_template
 from moellava.errors import run_main
 from moellava.mm_utils import KeywordsStoppingCriteria, process_images, tokenizer_image_token
 from moellava.tokenization import FAMILIES, family_for_model_type
+from moellava.utils import add_local_rank_argument
 
 # DeepSpeed (imported by the MoE layers) creates its loggers on stdout; here stdout carries only answers.
 with contextlib.redirect_stdout(sys.stderr):
     from moellava.model.builder import load_pretrained_model
 
 logger = logging.getLogger(__name__)
+
+URL_TIMEOUT_S = 30
 
 
 def default_conv_mode(config) -> str:
@@ -104,7 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-path", required=True, help="checkpoint folder (or Stage-1 folder with --model-base)")
     parser.add_argument("--model-base", default=None, help="base LLM folder under a Stage-1 output")
-    parser.add_argument("--image-file", required=True, help="path of the image to talk about")
+    parser.add_argument("--image-file", required=True, help="path or http(s) URL of the image to talk about")
     parser.add_argument("--query", default=None, help="answer this one question and exit")
     parser.add_argument("--conv-mode", default=None, help="conversation template (default: the checkpoint's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -113,14 +119,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--moe-backend", default="native", choices=["native", "deepspeed"])
     parser.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")
     parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--load-8bit", action="store_true", help="not available: needs bitsandbytes and a CUDA GPU")
+    parser.add_argument("--load-4bit", action="store_true", help="not available: needs bitsandbytes and a CUDA GPU")
     parser.add_argument("--debug", action="store_true", help="log prompts")
+    add_local_rank_argument(parser)
     return parser.parse_args(argv)
 
 
 def load_image(path: str) -> Image.Image:
-    """The image of `--image-file` as RGB, or a clear error (checked before the model is loaded)."""
+    """The image of `--image-file` (a path, or an http/https URL) as RGB, or a clear error (checked before the
+    model is loaded)."""
     try:
-        with Image.open(path) as opened:
+        with Image.open(read_url(path) if path.startswith(("http://", "https://")) else path) as opened:
             return opened.convert("RGB")
     except FileNotFoundError:
         raise ValueError(f"--image-file {path}: no such file.") from None
@@ -132,20 +142,33 @@ def load_image(path: str) -> Image.Image:
         raise ValueError(f"--image-file {path} cannot be decoded: {err}.") from None
 
 
+def read_url(url: str) -> io.BytesIO:
+    """The bytes at an http(s) URL, or a ValueError naming it."""
+    try:
+        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:
+            return io.BytesIO(response.read())
+    except urllib.error.HTTPError as err:
+        raise ValueError(f"--image-file {url}: the server answered {err.code} {err.reason}.") from None
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise ValueError(f"--image-file {url} cannot be downloaded ({reason}).") from None
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING)
     if args.temperature < 0:
         raise ValueError(f"--temperature {args.temperature} is negative: use 0 (greedy) or more.")
     image = load_image(args.image_file)
-    tokenizer, model, image_processor, _ = load_pretrained_model(
-        args.model_path, args.model_base, device=args.device, torch_dtype=args.dtype, moe_backend=args.moe_backend
+    tokenizer, model, processor, _ = load_pretrained_model(
+        args.model_path, args.model_base, None, args.load_8bit, args.load_4bit, device=args.device,
+        torch_dtype=args.dtype, moe_backend=args.moe_backend,
     )
     conv_mode = default_conv_mode(model.config)
     if args.conv_mode and args.conv_mode != conv_mode:
         logger.warning("Using --conv-mode %s; the checkpoint's template is %s.", args.conv_mode, conv_mode)
         conv_mode = args.conv_mode
-    session = ChatSession(tokenizer, model, image_processor, image, get_conv_template(conv_mode),
+    session = ChatSession(tokenizer, model, processor["image"], image, get_conv_template(conv_mode),
                           temperature=args.temperature, max_new_tokens=args.max_new_tokens)
 
     if args.query is not None:
