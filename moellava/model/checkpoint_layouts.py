@@ -30,6 +30,7 @@ from typing import FrozenSet, Optional
 import torch
 from safetensors import safe_open
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, cached_file
+from transformers.utils import logging as transformers_logging
 
 logger = logging.getLogger(__name__)
 
@@ -168,8 +169,17 @@ def load_checkpoint(model_class, weights_path: str, config, *, torch_dtype: torc
     stored = stored_tensor_names(weights_path, cache_dir)
     apply_phi_head_rule(config, declared_config(config_path or weights_path, cache_dir), stored)
     apply_tower_source_rule(config, stored, image_tower, weights_path, cache_dir)
-    model, info = model_class.from_pretrained(weights_path, config=config, torch_dtype=torch_dtype,
-                                              cache_dir=cache_dir, output_loading_info=True, trust_remote_code=False)
+    # Every missing or unexpected key is filled, ignored or refused below, each with its own message;
+    # transformers' generic warnings about them ("newly initialized ... TRAIN this model") would mislead.
+    hf_logger = transformers_logging.get_logger("transformers.modeling_utils")
+    level = hf_logger.level
+    hf_logger.setLevel(logging.ERROR)
+    try:
+        model, info = model_class.from_pretrained(weights_path, config=config, torch_dtype=torch_dtype,
+                                                  cache_dir=cache_dir, output_loading_info=True,
+                                                  trust_remote_code=False)
+    finally:
+        hf_logger.setLevel(level)
     ignored = sorted(key for key in stored or () if SIGLIP_POOLING_HEAD.search(key))
     if ignored:
         logger.info("Ignoring the %d tensors of SigLIP's attention-pooling head stored in %s (%s...): LLaVA feeds "

@@ -18,7 +18,7 @@ from moellava.constants import (
     IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
 )
-from moellava.model.checkpoint_layouts import ORIGINAL_CONFIG_FIELDS
+from moellava.model.checkpoint_layouts import ORIGINAL_CONFIG_FIELDS, SIGLIP_POOLING_HEAD
 from moellava.model.multimodal_encoder import VisionTower, build_image_tower, load_image_tower
 from moellava.model.multimodal_projector import build_projector
 
@@ -172,6 +172,14 @@ class LlavaMetaForCausalLM(ABC):
     Its `forward` splices the images into the inputs and hands them to the backbone's forward; its
     generation hooks pass `images` along and continue from the spliced attention mask.
     """
+
+    def __init_subclass__(cls, **kwargs):
+        # Stored tensors this model knowingly has no place for (checkpoint_layouts' SigLIP rule, which logs
+        # them): added to the backbone's own list, which transformers drops from the unexpected keys.
+        super().__init_subclass__(**kwargs)
+        ignored = list(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or [])
+        if SIGLIP_POOLING_HEAD.pattern not in ignored:
+            cls._keys_to_ignore_on_load_unexpected = ignored + [SIGLIP_POOLING_HEAD.pattern]
 
     @abstractmethod
     def get_model(self):
