@@ -26,13 +26,13 @@ TOWER = tiny_llava.TINY_TOWER  # 32 px, patch 8: 16 patches; hidden 32
 TOWER_HIDDEN = TOWER["hidden_size"]
 
 
-def published_config(family: str, *, tower: str, vocab_size: int = 128, pad_token_id: int = 100) -> dict:
-    """config.json of LanguageBind/MoE-LLaVA-<family> with the sizes shrunk (and the tower path changed): the
-    backbone's own fields (phi-2 names, QWen's remote-code names, StableLM's stablelm_epoch names), the `moe`
-    dict, the mm_* fields, and auto_map naming the hub's remote code."""
+def published_config(family: str, *, tower, vocab_size: int = 128, pad_token_id: int = 100) -> dict:
+    """config.json of LanguageBind/MoE-LLaVA-<family> with the sizes shrunk and the tower path changed (None:
+    no tower): the backbone's own fields (phi-2 names, QWen's remote-code names, StableLM's stablelm_epoch
+    names), the `moe` dict, the mm_* fields, and auto_map naming the hub's remote code."""
     llava = {
         "freeze_mm_mlp_adapter": False, "image_aspect_ratio": "pad", "image_projector_type": "mlp2x_gelu",
-        "mm_hidden_size": TOWER_HIDDEN, "mm_image_tower": str(tower), "mm_projector_lr": None,
+        "mm_hidden_size": TOWER_HIDDEN, "mm_image_tower": str(tower) if tower else None, "mm_projector_lr": None,
         "mm_use_im_patch_token": False, "mm_use_im_start_end": False, "mm_video_tower": None,
         "mm_vision_select_feature": "patch", "mm_vision_select_layer": -2, "tokenizer_padding_side": "right",
         "tune_mm_mlp_adapter": False, "use_mm_proj": True, "video_global_proj": False,

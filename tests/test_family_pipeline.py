@@ -54,10 +54,11 @@ TOKENIZERS = {
 QUESTION = data.COLOUR_QUESTIONS[0]
 
 
-def write_backbone(family, folder, toy_dir):
-    """An official-layout backbone folder: config.json, model.safetensors under the official weight names,
-    and the family's tokenizer files exactly as shipped (no family rules applied yet)."""
-    config = BACKBONES[family]
+def write_backbone(family, folder, toy_dir, config=None):
+    """An official-layout backbone folder: config.json (`config`, default the family's BACKBONES entry),
+    model.safetensors under the official weight names, and the family's tokenizer files exactly as shipped
+    (no family rules applied yet)."""
+    config = config or BACKBONES[family]
     if family == "qwen":
         test_backbone_qwen.write_official_checkpoint(folder, config, seed=3)
     elif family == "phi":

@@ -132,6 +132,7 @@ def load_pretrained_model(
                             projector_file=projector_file, config_path=model_path)
     tokenizer = load_tokenizer(tokenizer_path, family=family_for_model_type(model_type), padding_side=padding_side)
     _add_vision_tokens(model, tokenizer)
+    _default_end_of_answer(model, tokenizer)
 
     model.to(device=device).eval()
     tower = model.get_image_tower()
@@ -188,6 +189,16 @@ def _add_vision_tokens(model, tokenizer) -> None:
     if len(tokenizer) > rows:
         logger.warning("Tokenizer has %d tokens, the embeddings %d rows: growing the embeddings.", len(tokenizer), rows)
         model.resize_token_embeddings(len(tokenizer))
+
+
+def _default_end_of_answer(model, tokenizer) -> None:
+    """Generation stops at the tokenizer's eos when the checkpoint names none: the published MoE-LLaVA-Phi
+    configs have `eos_token_id: null`, and the original's loader sets it from the tokenizer likewise."""
+    if model.generation_config.eos_token_id is not None or tokenizer.eos_token_id is None:
+        return
+    logger.info("The checkpoint names no eos_token_id: generation stops at the tokenizer's eos %r (id %d).",
+                tokenizer.eos_token, tokenizer.eos_token_id)
+    model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
 
 
 def _context_length(config) -> int:
