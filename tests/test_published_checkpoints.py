@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,9 +23,10 @@ from moellava.conversation import get_conv_template
 from moellava.demo import data
 from moellava.demo.run import REPO_DIR, script_environment
 from moellava.model.builder import load_pretrained_model
-from moellava.model.checkpoint_layouts import ORIGINAL_CONFIG_FIELDS, SIGLIP_POOLING_HEAD
+from moellava.model.checkpoint_layouts import ORIGINAL_CONFIG_FIELDS, SIGLIP_POOLING_HEAD, vision_drop_first_token
+from moellava.model.multimodal_encoder.builder import count_image_tokens
 from moellava.serve import cli
-from moellava.tokenization import FAMILIES, load_tokenizer
+from moellava.tokenization import FAMILIES, doctor, load_tokenizer
 
 import published_layout
 import tiny_llava
@@ -196,3 +198,51 @@ def test_a_tower_not_stored_comes_from_its_path_or_fails_naming_it(shared, toy_t
     assert model.config.mm_image_tower == shared["clip"] == model.get_image_tower().name
     tower = model.get_image_tower().image_tower.state_dict()
     assert all(torch.equal(tower[key], value) for key, value in tower_folder_weights("clip", shared["clip"]).items())
+
+
+OFFICIAL = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "official"
+
+
+def test_siglip_384_gives_728_tokens_to_the_original_checkpoints_and_729_to_ours():
+    vision_file = OFFICIAL / "siglip-so400m-patch14-384" / "vision_config_saved.json"
+    if not vision_file.is_file():
+        pytest.skip(f"{vision_file} is not available (../shared beside the repository)")
+    vision = json.loads(vision_file.read_text())
+    name = "google/siglip-so400m-patch14-384"
+    original = SimpleNamespace(mm_image_tower=name, mm_vision_select_feature="patch")  # names the tower only
+    ours = SimpleNamespace(mm_image_tower=name, mm_vision_select_feature="patch", mm_image_tower_config=vision)
+    assert count_image_tokens(name, "patch", vision, vision_drop_first_token(original)) == 728
+    assert count_image_tokens(name, "patch", vision, vision_drop_first_token(ours)) == 729
+    clip = {"model_type": "clip_vision_model", "image_size": 336, "patch_size": 14}
+    for config in (original, ours):  # CLIP's token 0 is its CLS token: 576 patches either way
+        assert count_image_tokens("openai/clip-vit-large-patch14-336", "patch", clip,
+                                  vision_drop_first_token(config)) == 576
+    assert count_image_tokens("openai/clip-vit-large-patch14-336", "cls_patch", clip,
+                              vision_drop_first_token(SimpleNamespace(mm_vision_select_feature="cls_patch"))) == 577
+
+
+def test_a_siglip_model_trained_here_keeps_every_patch(shared, tmp_path):
+    tokenizer = tiny_llava.build_tiny_llama_tokenizer(tmp_path / "tokenizer")
+    folder = tiny_llava.build_tiny_llava_llama(tmp_path / "llava-siglip", tokenizer, shared["siglip"])
+    config = json.loads((Path(folder) / "config.json").read_text())
+    assert config["mm_vision_drop_first_token"] is False
+
+    def tokens(config_dict):
+        (Path(folder) / "config.json").write_text(json.dumps(config_dict))
+        _, model, _, _ = load_pretrained_model(folder)
+        with torch.no_grad():
+            count = model.encode_images(tiny_llava.random_pixels(1)).shape[1]
+        args = doctor.parse_args(["--model-path", folder, "--version", "v1"])
+        assert doctor.tokens_per_image(args, config_dict) == model.get_image_tower().num_tokens == count
+        return count
+
+    assert tokens(config) == PATCHES
+    older = {key: value for key, value in config.items() if key != "mm_vision_drop_first_token"}
+    assert tokens(older) == PATCHES  # written here (it carries the tower's config): all patches
+    original = {key: value for key, value in older.items()
+                if key not in ("mm_image_tower_config", "mm_image_processor_config")}
+    assert tokens(original) == PATCHES - 1  # the original's rule: token 0 dropped
+
+    clip = tiny_llava.tiny_llava_llama(tokenizer, shared["clip"]).get_image_tower()
+    with pytest.raises(ValueError, match="mm_vision_drop_first_token=False contradicts mm_vision_select_feature='patch'"):
+        clip.set_feature_selection(-2, "patch", drop_first_token=False)
