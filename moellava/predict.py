@@ -54,10 +54,11 @@ class Predictor:
                  torch_dtype: Optional[str] = None, moe_backend: str = "native", conv_mode: Optional[str] = None):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         # Left padding lets `answer_batch` batch prompts of different lengths; single prompts are unpadded.
-        self.tokenizer, self.model, self.image_processor, _ = load_pretrained_model(
+        self.tokenizer, self.model, processor, _ = load_pretrained_model(
             model_path, model_base, device=device, torch_dtype=torch_dtype, moe_backend=moe_backend,
             padding_side="left",
         )
+        self.image_processor = processor["image"]
         self.conv_mode = resolve_conv_mode(self.model.config, conv_mode)
 
     def session(self, image: ImageInput = None, **generation) -> ChatSession:

@@ -47,7 +47,7 @@ def test_dense_and_moe_load_by_model_type(dirs):
     tokenizer, model, processor, context_len = load_pretrained_model(dirs["dense"])
     assert type(model) is LlavaLlamaForCausalLM and not model.training
     assert isinstance(tokenizer, LlamaTokenizer) and tokenizer.pad_token == tokenizer.unk_token == "<unk>"
-    assert isinstance(processor, CLIPImageProcessor) and context_len == 256
+    assert processor["video"] is None and isinstance(processor["image"], CLIPImageProcessor) and context_len == 256
     assert next(model.parameters()).dtype == torch.float32
     reference = LlavaLlamaForCausalLM.from_pretrained(dirs["dense"]).eval()
     torch.testing.assert_close(logits_of(model), logits_of(reference), rtol=0, atol=0)
@@ -163,8 +163,8 @@ def test_conv_mode_comes_from_the_checkpoint(dirs):
 def test_history_keeps_one_end_token_per_answer(dirs, tmp_path):
     tokenizer, model, processor, _ = load_pretrained_model(dirs["dense"])
     image = tiny_llava.write_test_image(tmp_path / "cat.png")
-    session = ChatSession(tokenizer, model, processor, Image.open(image).convert("RGB"), get_conv_template("v1"),
-                          temperature=0, max_new_tokens=4)
+    session = ChatSession(tokenizer, model, processor["image"], Image.open(image).convert("RGB"),
+                          get_conv_template("v1"), temperature=0, max_new_tokens=4)
     # Make the answer end with </s> like a trained model's, so the stored reply is what the fix is about.
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0,
                                                forced_eos_token_id=tokenizer.eos_token_id)
@@ -180,7 +180,7 @@ def test_history_keeps_one_end_token_per_answer(dirs, tmp_path):
     assert second_prompt.count("<image>") == 1
 
     # A template that starts with canned example turns (v0) still puts the image in the user's first turn.
-    with_examples = ChatSession(tokenizer, model, processor, Image.open(image).convert("RGB"),
+    with_examples = ChatSession(tokenizer, model, processor["image"], Image.open(image).convert("RGB"),
                                 get_conv_template("v0"), temperature=0, max_new_tokens=2)
     with_examples.ask("What is in the image?")
     assert with_examples.conv.messages[2] == ["Human", "<image>\nWhat is in the image?"]
@@ -197,7 +197,7 @@ def test_cli_query_answers_once(dirs, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
 
     tokenizer, model, processor, _ = load_pretrained_model(dirs["moe"])
-    session = ChatSession(tokenizer, model, processor, Image.open(image).convert("RGB"),
+    session = ChatSession(tokenizer, model, processor["image"], Image.open(image).convert("RGB"),
                           get_conv_template(default_conv_mode(model.config)), temperature=0, max_new_tokens=6)
     expected = session.ask("What is in the image?")
     assert expected and run.stdout == expected + "\n"
@@ -213,8 +213,8 @@ def test_cli_interactive_streams_each_answer_and_keeps_history(dirs, tmp_path, m
     out = capsys.readouterr().out
 
     tokenizer, model, processor, _ = load_pretrained_model(dirs["dense"])
-    session = ChatSession(tokenizer, model, processor, Image.open(image).convert("RGB"), get_conv_template("v1"),
-                          temperature=0, max_new_tokens=5)
+    session = ChatSession(tokenizer, model, processor["image"], Image.open(image).convert("RGB"),
+                          get_conv_template("v1"), temperature=0, max_new_tokens=5)
     first, second = session.ask("What is in the image?"), session.ask("And its color?")
     # Prompt, streamed answer, prompt answered by an empty line (asked again), streamed answer, prompt, EOF.
     turns = out.split("USER: ")

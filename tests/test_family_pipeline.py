@@ -54,10 +54,11 @@ TOKENIZERS = {
 QUESTION = data.COLOUR_QUESTIONS[0]
 
 
-def write_backbone(family, folder, toy_dir):
-    """An official-layout backbone folder: config.json, model.safetensors under the official weight names,
-    and the family's tokenizer files exactly as shipped (no family rules applied yet)."""
-    config = BACKBONES[family]
+def write_backbone(family, folder, toy_dir, config=None):
+    """An official-layout backbone folder: config.json (`config`, default the family's BACKBONES entry),
+    model.safetensors under the official weight names, and the family's tokenizer files exactly as shipped
+    (no family rules applied yet)."""
+    config = config or BACKBONES[family]
     if family == "qwen":
         test_backbone_qwen.write_official_checkpoint(folder, config, seed=3)
     elif family == "phi":
@@ -159,7 +160,7 @@ def test_stage3_checkpoint_loads_with_the_family_rules(pipeline):
     _, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and info["mismatched_keys"] == []
     tokenizer, model, processor, _ = load_pretrained_model(out)
-    assert model.config.model_type == f"moe_llava_{family}" and processor is not None
+    assert model.config.model_type == f"moe_llava_{family}" and processor["image"] is not None
     layers = model.get_decoder_layers()
     assert [isinstance(layer.mlp, MoEBlock) for layer in layers] == [i % 2 == 0 for i in range(len(layers))]
     tokenizer_class, unk = TOKENIZERS[family]
@@ -187,7 +188,7 @@ def chat_session(tokenizer, model, processor, image_path, version, max_new_token
 
     from moellava.serve.cli import ChatSession
 
-    return ChatSession(tokenizer, model, processor, Image.open(image_path).convert("RGB"),
+    return ChatSession(tokenizer, model, processor["image"], Image.open(image_path).convert("RGB"),
                        conversation_lib.get_conv_template(version), temperature=0, max_new_tokens=max_new_tokens)
 
 

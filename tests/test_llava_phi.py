@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moellava.constants import IMAGE_TOKEN_INDEX as IMG
@@ -22,6 +23,7 @@ from moellava.tokenization import FAMILIES, load_tokenizer
 from moellava.train.train import set_trainable
 
 import family_checks
+import published_layout
 import tiny_llava
 from test_backbone_phi import TINY as TINY_BACKBONE, write_official_checkpoint
 from test_llava_llama import saturate_routers
@@ -97,7 +99,7 @@ def test_dense_and_stage3_checkpoints_round_trip(dense, tmp_path, toy_tokenizer_
     save_with_tokenizer(dense, stage2, toy_tokenizer_dir)
     assert json.loads((stage2 / "config.json").read_text())["model_type"] == "llava_phi"
     tokenizer, reloaded, processor, _ = load_pretrained_model(str(stage2))
-    assert type(reloaded) is LlavaPhiForCausalLM and processor is not None
+    assert type(reloaded) is LlavaPhiForCausalLM and processor["image"] is not None
     assert tokenizer.pad_token == "<|extra_0|>"
     torch.testing.assert_close(reloaded(PROMPT, images=pixels).logits, dense(PROMPT, images=pixels).logits,
                                rtol=0, atol=0)
@@ -123,6 +125,24 @@ def test_dense_and_stage3_checkpoints_round_trip(dense, tmp_path, toy_tokenizer_
     torch.testing.assert_close(loaded(PROMPT, images=pixels).logits, before, rtol=0, atol=0)
 
 
+def test_lm_head_bias_follows_the_stored_tensors(dense, tmp_path, toy_tokenizer_dir):
+    folder = tmp_path / "stage2"
+    save_with_tokenizer(dense, folder, toy_tokenizer_dir)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["lm_head_bias"] is True
+    del config["lm_head_bias"]  # a config that does not say: the stored tensors decide
+    (folder / "config.json").write_text(json.dumps(config))
+    _, model, _, _ = load_pretrained_model(str(folder))
+    assert model.config.lm_head_bias is True and torch.equal(model.lm_head.bias, dense.lm_head.bias)
+
+    # A config that says there is a bias, over weights without one, is a broken checkpoint.
+    (folder / "config.json").write_text(json.dumps({**config, "lm_head_bias": True}))
+    weights = {k: v.clone() for k, v in load_file(str(folder / "model.safetensors")).items() if k != "lm_head.bias"}
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks weights for \['lm_head.bias'\]"):
+        load_pretrained_model(str(folder))
+
+
 @torch.no_grad()
 def test_moe_generation_with_cache_equals_without(dense):
     moe = family_checks.upcycle(MoELLaVAPhiForCausalLM, dense, num_experts=4, top_k_experts=2)
@@ -139,31 +159,10 @@ def test_left_padded_batch_generation_matches_single_prompts(dense):
 
 
 def test_published_moe_llava_phi_config_fields_load(tmp_path):
-    # Fields of LanguageBind/MoE-LLaVA-Phi2-2.7B-4e-384's config.json (phi-2 names, auto_map naming the hub's
-    # remote code, the SigLIP tower) with the `moe` dict layout of the MoE-LLaVA-Phi2 configs, sizes shrunk.
-    # Like the published file it only names the tower (here a tiny local SigLIP), not the tower configs.
+    # LanguageBind/MoE-LLaVA-Phi2-2.7B-4e-384's config.json, sizes shrunk. Like the published file it only
+    # names the tower (here a tiny local SigLIP), not the tower configs.
     tower = tiny_llava.build_tiny_siglip_tower(tmp_path / "siglip")
-    fields = {
-        "_name_or_path": "./checkpoints/llavaphi-3b-other-384", "architectures": ["MoELLaVAPhiForCausalLM"],
-        "attention_dropout": 0.0,
-        "auto_map": {"AutoConfig": "microsoft/phi-2--configuration_phi.PhiConfig",
-                     "AutoModelForCausalLM": "microsoft/phi-2--modeling_phi.PhiForCausalLM"},
-        "bos_token_id": None, "embd_pdrop": 0.0, "eos_token_id": None, "freeze_mm_mlp_adapter": False,
-        "hidden_act": "gelu_new", "hidden_size": 64, "image_aspect_ratio": "pad",
-        "image_projector_type": "mlp2x_gelu", "initializer_range": 0.02, "intermediate_size": 128,
-        "layer_norm_eps": 1e-05, "max_position_embeddings": 64,
-        "mm_hidden_size": tiny_llava.TINY_TOWER["hidden_size"], "mm_image_tower": tower, "mm_projector_lr": None,
-        "mm_use_im_patch_token": False, "mm_use_im_start_end": False, "mm_video_tower": None,
-        "mm_vision_select_feature": "patch", "mm_vision_select_layer": -2, "model_type": "moe_llava_phi",
-        "moe": {"capacity_factor": 1.5, "ep_size": 1, "eval_capacity_factor": 2.0, "min_capacity": 0,
-                "moe_enable": True, "moe_layers_idx": [0, 2], "moe_mode": "sparse", "num_experts": [4, 4],
-                "router_aux_loss_coef": 0.01, "top_k_experts": 2, "train_modules": ["fc1", "fc2", "wg"],
-                "use_residual": False},
-        "num_attention_heads": 4, "num_hidden_layers": 3, "num_key_value_heads": 4, "pad_token_id": 100,
-        "partial_rotary_factor": 0.4, "qk_layernorm": False, "resid_pdrop": 0.1, "rope_scaling": None,
-        "rope_theta": 10000.0, "tie_word_embeddings": False, "use_cache": True, "use_mm_proj": True,
-        "vocab_size": 128,
-    }
+    fields = published_layout.published_config("phi", tower=tower)
     (tmp_path / "config.json").write_text(json.dumps(fields))
     config = AutoConfig.from_pretrained(tmp_path)
     assert type(config) is MoELLaVAPhiConfig
@@ -182,12 +181,11 @@ def test_published_moe_llava_phi_config_fields_load(tmp_path):
         "model.mm_projector.image_spatial_proj.2.weight",
         "model.image_tower.image_tower.vision_model.embeddings.patch_embedding.weight",
         "lm_head.weight",
-        "lm_head.bias",
     }
     assert expected <= names and "model.layers.0.mlp.fc1.weight" not in names
     ids = torch.tensor([[1, IMG, 7, 8]])
-    with torch.no_grad():
-        assert model.eval()(ids, images=tiny_llava.random_pixels(1)).logits.shape == (1, 3 + 16, 128)
+    with torch.no_grad():  # the original's SigLIP features: the first of the 16 patches dropped
+        assert model.eval()(ids, images=tiny_llava.random_pixels(1)).logits.shape == (1, 3 + 15, 128)
 
 
 def test_family_train_modules_freeze_ffns_and_routers_only(dense):

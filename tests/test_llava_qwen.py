@@ -21,6 +21,7 @@ from moellava.tokenization import FAMILIES, load_tokenizer
 from moellava.train.train import set_trainable
 
 import family_checks
+import published_layout
 import tiny_llava
 from test_backbone_qwen import TINY as TINY_BACKBONE, write_official_checkpoint
 from test_llava_llama import saturate_routers
@@ -94,7 +95,7 @@ def test_dense_and_stage3_checkpoints_round_trip(dense, tmp_path, toy_tokenizer_
     save_with_tokenizer(dense, stage2, toy_tokenizer_dir)
     assert json.loads((stage2 / "config.json").read_text())["model_type"] == "llava_qwen"
     tokenizer, reloaded, processor, _ = load_pretrained_model(str(stage2))
-    assert type(reloaded) is LlavaQWenForCausalLM and processor is not None
+    assert type(reloaded) is LlavaQWenForCausalLM and processor["image"] is not None
     assert type(tokenizer).__name__ == "QWenTokenizer" and tokenizer.pad_token == "<|extra_0|>"
     torch.testing.assert_close(reloaded(PROMPT, images=pixels).logits, dense(PROMPT, images=pixels).logits,
                                rtol=0, atol=0)
@@ -132,31 +133,9 @@ def test_left_padded_batch_generation_matches_single_prompts(dense):
 
 
 def test_published_moe_llava_qwen_config_fields_load(tower, tmp_path):
-    # Fields of LanguageBind/MoE-LLaVA-Qwen-1.8B-4e's config.json (QWen names, the `moe` dict, mm_* fields,
-    # auto_map naming the hub's remote code), sizes shrunk. Like the published file it only names the tower
-    # (here the tiny local one), without the tower configs this project adds.
-    fields = {
-        "_name_or_path": "./checkpoints/llavaqwen-2b-other", "architectures": ["MoELLaVAQWenForCausalLM"],
-        "attn_dropout_prob": 0.0,
-        "auto_map": {"AutoConfig": "Qwen/Qwen-1_8B--configuration_qwen.QWenConfig",
-                     "AutoModelForCausalLM": "Qwen/Qwen-1_8B--modeling_qwen.QWenLMHeadModel"},
-        "bf16": True, "emb_dropout_prob": 0.0, "fp16": False, "fp32": False, "freeze_mm_mlp_adapter": False,
-        "hidden_size": 64, "image_aspect_ratio": "pad", "image_projector_type": "mlp2x_gelu",
-        "initializer_range": 0.02, "intermediate_size": 256, "kv_channels": 16, "layer_norm_epsilon": 1e-06,
-        "max_position_embeddings": 64, "mm_hidden_size": tiny_llava.TINY_TOWER["hidden_size"],
-        "mm_image_tower": tower, "mm_projector_lr": None, "mm_use_im_patch_token": False,
-        "mm_use_im_start_end": False, "mm_video_tower": None, "mm_vision_select_feature": "patch",
-        "mm_vision_select_layer": -2, "model_type": "moe_llava_qwen",
-        "moe": {"capacity_factor": 1.0, "ep_size": 1, "eval_capacity_factor": 2.0, "min_capacity": 0,
-                "moe_enable": True, "moe_layers_idx": [0, 2], "moe_mode": "sparse", "num_experts": [4, 4],
-                "router_aux_loss_coef": 0.01, "top_k_experts": 2,
-                "train_modules": ["mlp.w1", "mlp.w2", "mlp.c_proj", "wg"], "use_residual": False},
-        "no_bias": True, "num_attention_heads": 4, "num_hidden_layers": 3, "onnx_safe": None,
-        "pad_token_id": 100, "rotary_emb_base": 10000, "rotary_pct": 1.0, "scale_attn_weights": True,
-        "seq_length": 64, "softmax_in_fp32": False, "tie_word_embeddings": False, "use_cache": True,
-        "use_dynamic_ntk": True, "use_flash_attn": False, "use_logn_attn": True, "use_mm_proj": True,
-        "vocab_size": 128,
-    }
+    # LanguageBind/MoE-LLaVA-Qwen-1.8B-4e's config.json, sizes shrunk. Like the published file it only names
+    # the tower (here the tiny local one), without the tower configs this project adds.
+    fields = published_layout.published_config("qwen", tower=tower)
     (tmp_path / "config.json").write_text(json.dumps(fields))
     config = AutoConfig.from_pretrained(tmp_path)
     assert type(config) is MoELLaVAQWenConfig and config.bf16 is True and config.layer_norm_epsilon == 1e-6

@@ -13,6 +13,7 @@ from moellava.model.language_model.stablelm import StableLmForCausalLM
 from moellava.model.moe import MoEBlock, moe_blocks
 
 import family_checks
+import published_layout
 import tiny_llava
 from test_backbone_stablelm import TINY, TINY_EPOCH, write_official_folder
 
@@ -78,21 +79,9 @@ def test_moe_generation_with_cache_equals_without(dense):
 
 
 def test_published_moe_llava_stablelm_config_fields_load():
-    # Fields of LanguageBind/MoE-LLaVA-StableLM-1.6B-4e's config.json (stablelm_epoch names, the `moe` dict),
-    # sizes (and pad_token_id) shrunk; the tower fields are left out (they would name a hub tower).
-    fields = {
-        "architectures": ["MoELLaVAStablelmForCausalLM"], "bos_token_id": 100257, "eos_token_id": 100257,
-        "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 96,
-        "max_position_embeddings": 64, "model_type": "moe_llava_stablelm",
-        "moe": {"capacity_factor": 1.5, "ep_size": 1, "eval_capacity_factor": 2.0, "min_capacity": 0,
-                "moe_enable": True, "moe_layers_idx": [0], "moe_mode": "sparse", "num_experts": [4],
-                "router_aux_loss_coef": 0.01, "top_k_experts": 2,
-                "train_modules": ["gate_proj", "up_proj", "down_proj", "wg"], "use_residual": False},
-        "norm_eps": 1e-05, "num_attention_heads": 4, "num_heads": 4, "num_hidden_layers": 2,
-        "num_key_value_heads": 4, "pad_token_id": 3, "rope_pct": 0.25, "rope_theta": 10000,
-        "rotary_scaling_factor": 1.0, "tie_word_embeddings": False, "use_cache": True, "use_qkv_bias": True,
-        "vocab_size": 128,
-    }
+    # LanguageBind/MoE-LLaVA-StableLM-1.6B-4e's config.json (stablelm_epoch names, the `moe` dict), sizes
+    # shrunk; without a tower here (the published one names a hub tower).
+    fields = published_layout.published_config("stablelm", tower=None, pad_token_id=3)
     config = AutoConfig.for_model(**fields)
     assert type(config) is MoELLaVAStablelmConfig
     assert (config.layer_norm_eps, config.partial_rotary_factor, config.num_attention_heads) == (1e-5, 0.25, 4)

@@ -117,7 +117,7 @@ def test_batches_need_a_left_padded_model(checkpoint):
     tokenizer, model, processor, _ = load_pretrained_model(checkpoint["model"])  # right padding
     sessions = []
     for question in ("What is it?", "What colour is the shape?"):
-        session = ChatSession(tokenizer, model, processor, None, get_conv_template("v1"))
+        session = ChatSession(tokenizer, model, processor["image"], None, get_conv_template("v1"))
         session.add_user_turn(question)
         sessions.append(session)
     with pytest.raises(ValueError, match="padding_side='left'"):

@@ -165,7 +165,7 @@ def test_final_checkpoint_loads_and_answers(stages):
     with open(stages["paths"]["eval"]) as f:
         item = json.load(f)[0]
     image = Image.open(os.path.join(stages["paths"]["image_folder"], item["image"])).convert("RGB")
-    session = ChatSession(tokenizer, model, processor, image, get_conv_template(model.config.conv_template),
+    session = ChatSession(tokenizer, model, processor["image"], image, get_conv_template(model.config.conv_template),
                           temperature=0, max_new_tokens=4)
     reply = session.ask(data.COLOUR_QUESTIONS[0])
     assert isinstance(reply, str) and session.conv.messages[-1][1] == reply

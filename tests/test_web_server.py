@@ -57,7 +57,7 @@ def loaded(checkpoint):
 
 def greedy_session(loaded, image):
     tokenizer, model, processor, _ = loaded
-    return ChatSession(tokenizer, model, processor, image, get_conv_template("v1"), temperature=0,
+    return ChatSession(tokenizer, model, processor["image"], image, get_conv_template("v1"), temperature=0,
                        max_new_tokens=MAX_NEW_TOKENS)
 
 
@@ -117,7 +117,7 @@ def test_streamed_reply_grows_to_the_cli_reply_and_regenerates(loaded, checkpoin
     assert session.conv.messages[-1] == ["ASSISTANT", expected]
 
     tokenizer, model, processor, _ = loaded
-    chat = chat_page.WebChat(tokenizer, model, processor, "v1", max_upload_bytes=2**20)
+    chat = chat_page.WebChat(tokenizer, model, processor["image"], "v1", max_upload_bytes=2**20)
     history, session, box = chat.add_turn({"text": QUESTIONS[0], "files": [checkpoint["image"]]}, [], None)
     assert box is None and [m["role"] for m in history] == ["user", "user", "assistant"]
     *_, history = chat.stream(history, session, 0, 1.0, MAX_NEW_TOKENS)
@@ -131,7 +131,7 @@ def test_streamed_reply_grows_to_the_cli_reply_and_regenerates(loaded, checkpoin
 
 def test_a_refused_turn_changes_nothing_and_says_why(loaded, tmp_path):
     tokenizer, model, processor, _ = loaded
-    chat = chat_page.WebChat(tokenizer, model, processor, "v1", max_upload_bytes=2**20)
+    chat = chat_page.WebChat(tokenizer, model, processor["image"], "v1", max_upload_bytes=2**20)
     bad = tmp_path / "<b>bad<i>.png"
     bad.write_text("not an image")
     with pytest.warns(UserWarning, match="&lt;b&gt;bad&lt;i&gt;.png is not a readable image"):

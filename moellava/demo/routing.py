@@ -14,7 +14,8 @@ def plot_routing(model_dir: str, data_path: str, image_folder: str, out_dir: str
         from moellava.model.builder import load_pretrained_model
         from moellava.vis import capture, plot
 
-        tokenizer, model, image_processor, _ = load_pretrained_model(model_dir)
+        tokenizer, model, processor, _ = load_pretrained_model(model_dir)
+        image_processor = processor["image"]
     routing = os.path.join(out_dir, "routing")
     argv = ["--model-path", model_dir, "--data", data_path, "--image-folder", image_folder, "--output", routing,
             "--limit", str(limit), "--max-new-tokens", "12"]

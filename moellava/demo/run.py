@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from moellava.demo import benchmarks, data, models, routing
+from moellava.utils import add_local_rank_argument
 
 logger = logging.getLogger("moellava.demo")
 
@@ -172,8 +173,8 @@ def evaluate(model_dir: str, data_dir: str, eval_path: str, cli_example: bool = 
         image = Image.open(os.path.join(data_dir, item["image"])).convert("RGB")
         answers = []
         for kind, question, words in questions:
-            session = ChatSession(tokenizer, model, processor, image, get_conv_template(template), temperature=0,
-                                  max_new_tokens=12)
+            session = ChatSession(tokenizer, model, processor["image"], image, get_conv_template(template),
+                                  temperature=0, max_new_tokens=12)
             answer = session.ask(question)
             ok = first_word(answer.lower(), words) == item[kind]
             correct[kind] += ok
@@ -194,6 +195,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--output-dir", default=os.path.join(REPO_DIR, "demo_output"))
     parser.add_argument("--train-images", type=int, default=1200)
     parser.add_argument("--eval-images", type=int, default=48)
+    add_local_rank_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     # The demo runs on CPU everywhere, in this process (evaluation) as in the training scripts.

@@ -33,6 +33,7 @@ from moellava.mm_utils import (
     tokenizer_image_token,
     unused_vocabulary_rows,
 )
+from moellava.utils import add_local_rank_argument
 
 logger = logging.getLogger("moellava.eval")
 
@@ -59,7 +60,7 @@ def build_parser(description: str, question_file: str, max_new_tokens: int) -> a
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="default: float32 on CPU, float16 on GPU")
-    parser.add_argument("--local_rank", type=int, default=-1, help="accepted for the deepspeed launcher; unused")
+    add_local_rank_argument(parser)
     parser.add_argument("--return_gating_logit", default=None, metavar="NAME",
                         help="also capture the MoE routing of every question into NAME.safetensors + NAME.json "
                              "(docs/VISUALIZATION.md; the original wrote NAME.pt)")
@@ -221,7 +222,7 @@ def load_for_eval(args: argparse.Namespace):
         from moellava.model.builder import load_pretrained_model
         from moellava.serve.cli import resolve_conv_mode
 
-        tokenizer, model, image_processor, _ = load_pretrained_model(
+        tokenizer, model, processor, _ = load_pretrained_model(
             os.path.expanduser(args.model_path), args.model_base, device=args.device, torch_dtype=args.dtype,
             padding_side="left",
         )
@@ -230,7 +231,7 @@ def load_for_eval(args: argparse.Namespace):
         logger.warning("This checkpoint's MoE layers drop tokens over capacity (moe.drop_tokens): in a batch the "
                        "questions (and their padding) share expert capacity, so answers can differ from batch-1 "
                        "answers. Use --batch-size 1 to reproduce batch-1 numbers.")
-    return tokenizer, model, image_processor, resolve_conv_mode(model.config, args.conv_mode)
+    return tokenizer, model, processor["image"], resolve_conv_mode(model.config, args.conv_mode)
 
 
 def answer_questions(args: argparse.Namespace, questions: Sequence[Question],

@@ -2,10 +2,9 @@
 (never by folder name), on CPU or GPU, with MoE layers on the native backend by default (no `deepspeed`
 launcher, no process group)."""
 
-import json
 import logging
 import os
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -14,6 +13,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGH
 
 import moellava.model  # noqa: F401  (registers the llava_* / moe_llava_* model types)
 from moellava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
+from moellava.model.checkpoint_layouts import declared_config, load_checkpoint
 from moellava.model.moe_model import has_moe_layers, set_moe_backend
 from moellava.tokenization import FAMILIES, family_for_model_type, load_tokenizer
 
@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PROJECTOR_FILE = "mm_projector.bin"
+# transformers' device_map values that split a model over devices.
+SPLIT_DEVICE_MAPS = ("balanced", "balanced_low_0", "sequential")
 
 
 def load_config(path: str, *, cache_dir: Optional[str] = None):
@@ -29,7 +31,7 @@ def load_config(path: str, *, cache_dir: Optional[str] = None):
     try:
         return AutoConfig.from_pretrained(path, cache_dir=cache_dir, trust_remote_code=False)
     except (KeyError, ValueError) as err:
-        model_type = _declared_model_type(path)
+        model_type = declared_config(path, cache_dir).get("model_type")
         if model_type is None or model_type in CONFIG_MAPPING:
             raise
         known = sorted(t for t in CONFIG_MAPPING if t.startswith(("llava_", "moe_llava_")))
@@ -39,17 +41,6 @@ def load_config(path: str, *, cache_dir: Optional[str] = None):
             f"Python code shipped in a model folder). Use a base LLM of type {backbones} or a checkpoint of type "
             f"{known}; for another LLM family, add it as CUSTOM.md describes."
         ) from err
-
-
-def _declared_model_type(path: str) -> Optional[str]:
-    config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
-        return None
-    try:
-        with open(config_file, encoding="utf-8") as f:
-            return json.load(f).get("model_type")
-    except (OSError, ValueError):
-        return None
 
 
 def resolve_dtype(torch_dtype: Union[None, str, torch.dtype], device: str) -> torch.dtype:
@@ -66,20 +57,50 @@ def resolve_dtype(torch_dtype: Union[None, str, torch.dtype], device: str) -> to
 def load_pretrained_model(
     model_path: str,
     model_base: Optional[str] = None,
+    model_name: Optional[str] = None,
+    load_8bit: bool = False,
+    load_4bit: bool = False,
+    device_map: Union[None, str, dict] = "auto",
+    device: Optional[str] = None,
+    padding_side: str = "right",
+    merge: bool = False,
     *,
-    device: str = "cpu",
     torch_dtype: Union[None, str, torch.dtype] = None,
     moe_backend: str = "native",
-    padding_side: str = "right",
-) -> Tuple[object, torch.nn.Module, object, int]:
-    """Returns `(tokenizer, model, image_processor, context_len)`, the model in eval mode on `device`.
+    **kwargs,
+) -> Tuple[object, torch.nn.Module, Dict[str, object], int]:
+    """Returns `(tokenizer, model, processor, context_len)` as the original MoE-LLaVA does, with
+    `processor = {"image": <the tower's image processor>, "video": None}` and the model in eval mode.
 
-    model_path: a saved LLaVA checkpoint (config.json model_type `llava_<family>` or `moe_llava_<family>`),
-      or, with `model_base`, a Stage-1 output (config.json + mm_projector.bin) over the base LLM folder.
+    The positional arguments are the original's, so its calls (`load_pretrained_model(path, None, name,
+    False, False, device="cuda")`) work unchanged.
+    model_path: a saved LLaVA checkpoint (config.json model_type `llava_<family>` or `moe_llava_<family>`,
+      written here or by the original MoE-LLaVA), or, with `model_base`, a Stage-1 output (config.json +
+      mm_projector.bin) over the base LLM folder.
+    model_name: accepted for the original's calls and never used: the checkpoint's model_type decides.
+    load_8bit / load_4bit: refused with a clear error (bitsandbytes quantization needs a CUDA GPU; MoE
+      checkpoints cannot be quantized, as in the original).
+    device_map: "auto" or None (the model goes to `device`), or one device for the whole model ({"": "cpu"},
+      "cpu"); a model split over several devices is not supported.
+    device: default "cuda" when a GPU is visible, else "cpu".
     padding_side: where the tokenizer pads, and where the image splicing re-pads a batch
       (`config.tokenizer_padding_side`); batched generation needs "left".
+    merge: for LoRA checkpoints; unused until LoRA training lands.
+    torch_dtype: default float32 on CPU, float16 on GPU.
     moe_backend: "native" (default, any single process) or "deepspeed" (needs deepspeed.init_distributed()).
     """
+    if kwargs:
+        raise ValueError(
+            f"load_pretrained_model got arguments it does not take: {sorted(kwargs)} (the original passed extra "
+            "arguments on to from_pretrained; here choose the precision with torch_dtype= and the device with device=)."
+        )
+    if load_8bit or load_4bit:
+        raise ValueError(
+            f"load_{'8' if load_8bit else '4'}bit=True: 8-/4-bit loading needs bitsandbytes and a CUDA GPU, which "
+            "this build does not use (and MoE checkpoints cannot be quantized, as in the original). Load in half "
+            "precision instead: torch_dtype='float16' (the CLI: --dtype float16)."
+        )
+    device = resolve_device(device_map, device)
     dtype = resolve_dtype(torch_dtype, device)
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side={padding_side!r} is not supported: use 'left' or 'right'.")
@@ -107,24 +128,36 @@ def load_pretrained_model(
     else:
         projector_file, weights_path, tokenizer_path = None, model_path, model_path
 
-    model, info = AutoModelForCausalLM.from_pretrained(
-        weights_path, config=config, torch_dtype=dtype, output_loading_info=True, trust_remote_code=False
-    )
-    if info["unexpected_keys"]:
-        unexpected = sorted(info["unexpected_keys"])
-        raise ValueError(
-            f"{weights_path} holds weights this model has no place for: {unexpected[:10]}"
-            f"{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)} tensors): its config.json does not "
-            "describe the checkpoint (e.g. a MoE checkpoint without its `moe` settings). Re-save it from training."
-        )
-    _complete_missing_weights(model, info["missing_keys"], projector_file, weights_path)
-
+    model = load_checkpoint(AutoModelForCausalLM, weights_path, config, torch_dtype=dtype,
+                            projector_file=projector_file, config_path=model_path)
     tokenizer = load_tokenizer(tokenizer_path, family=family_for_model_type(model_type), padding_side=padding_side)
     _add_vision_tokens(model, tokenizer)
+    _default_end_of_answer(model, tokenizer)
 
     model.to(device=device).eval()
-    image_processor = model.get_image_tower().image_processor if model.get_image_tower() is not None else None
-    return tokenizer, model, image_processor, _context_length(config)
+    tower = model.get_image_tower()
+    processor = {"image": tower.image_processor if tower is not None else None, "video": None}
+    return tokenizer, model, processor, _context_length(config)
+
+
+def resolve_device(device_map: Union[None, str, dict], device: Optional[str]) -> str:
+    """The one device the model goes to, from the original's `device_map` / `device` pair."""
+    mapped = None
+    if isinstance(device_map, dict) and set(device_map) == {""}:
+        mapped = str(device_map[""])
+    elif isinstance(device_map, (str, torch.device)) and str(device_map) not in ("auto", *SPLIT_DEVICE_MAPS):
+        mapped = str(device_map)
+    elif device_map is not None and device_map != "auto":
+        raise ValueError(
+            f"device_map={device_map!r}: moellava loads the whole model onto one device. Use device_map='auto' (or "
+            "None) with device='cuda:0' / 'cpu', or device_map={'': 'cuda:0'}."
+        )
+    if mapped is not None and device is not None and torch.device(mapped) != torch.device(device):
+        raise ValueError(f"device_map={device_map!r} and device={device!r} disagree: pass one of them.")
+    device = mapped or device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but no CUDA GPU is visible here: use device='cpu'.")
+    return device
 
 
 def has_weights(folder: str) -> bool:
@@ -147,45 +180,6 @@ def _refuse_stage1_folder_alone(model_path: str, model_base: Optional[str]) -> N
         )
 
 
-def _complete_missing_weights(model, missing_keys, projector_file: Optional[str], weights_path: str) -> None:
-    """Fill the weights a checkpoint may legitimately lack, and refuse any other gap.
-
-    - Image tower: published checkpoints and Stage-1 outputs may not hold it: load it from its hub id /
-      folder (`config.mm_image_tower`).
-    - Projector, for a Stage-1 output over a base LLM: from its mm_projector.bin.
-    """
-    tower = model.get_image_tower()
-    projector = getattr(model.get_model(), "mm_projector", None)
-    prefixes = {"tower": None, "projector": None}
-    for name, module in model.named_modules():
-        if tower is not None and module is tower:
-            prefixes["tower"] = name + "."
-        elif projector_file is not None and module is projector:
-            prefixes["projector"] = name + "."
-
-    def under(part: str) -> set:
-        return {key for key in missing_keys if prefixes[part] and key.startswith(prefixes[part])}
-
-    tower_missing, projector_missing = under("tower"), under("projector")
-    other = sorted(set(missing_keys) - tower_missing - projector_missing)
-    if other:
-        raise ValueError(
-            f"{weights_path} lacks weights for {other[:10]}{' ...' if len(other) > 10 else ''} "
-            f"({len(other)} tensors): the checkpoint does not match its config.json. Re-save it from training."
-        )
-    if tower_missing:
-        tower_parameters = {prefixes["tower"] + name for name, _ in tower.named_parameters()}
-        if not tower_parameters <= tower_missing:
-            raise ValueError(
-                f"{weights_path} holds only part of the image tower (missing {sorted(tower_missing)[:5]} ...): "
-                "re-save the checkpoint."
-            )
-        logger.warning("The checkpoint has no image tower weights: loading them from %s.", tower.name)
-        tower.load_pretrained_weights()
-    if projector_file is not None:
-        model.get_model().load_mm_projector(projector_file)
-
-
 def _add_vision_tokens(model, tokenizer) -> None:
     """Add the image tokens the checkpoint was trained with; grow (never shrink) the embeddings."""
     config = model.config
@@ -200,6 +194,16 @@ def _add_vision_tokens(model, tokenizer) -> None:
     if len(tokenizer) > rows:
         logger.warning("Tokenizer has %d tokens, the embeddings %d rows: growing the embeddings.", len(tokenizer), rows)
         model.resize_token_embeddings(len(tokenizer))
+
+
+def _default_end_of_answer(model, tokenizer) -> None:
+    """Generation stops at the tokenizer's eos when the checkpoint names none: the published MoE-LLaVA-Phi
+    configs have `eos_token_id: null`, and the original's loader sets it from the tokenizer likewise."""
+    if model.generation_config.eos_token_id is not None or tokenizer.eos_token_id is None:
+        return
+    logger.info("The checkpoint names no eos_token_id: generation stops at the tokenizer's eos %r (id %d).",
+                tokenizer.eos_token, tokenizer.eos_token_id)
+    model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
 
 
 def _context_length(config) -> int:

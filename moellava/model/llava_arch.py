@@ -18,6 +18,7 @@ from moellava.constants import (
     IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
 )
+from moellava.model.checkpoint_layouts import ORIGINAL_CONFIG_FIELDS, SIGLIP_POOLING_HEAD
 from moellava.model.multimodal_encoder import VisionTower, build_image_tower, load_image_tower
 from moellava.model.multimodal_projector import build_projector
 
@@ -78,6 +79,8 @@ class LlavaMetaModel:
         if getattr(config, "mm_image_tower", None):
             self.image_tower = build_image_tower(config)
             self.mm_projector = build_projector(config)
+            # Saved with the model: the feature selection a checkpoint of the original code gets stays explicit.
+            config.mm_vision_drop_first_token = self.image_tower.drop_first_token
 
     def get_image_tower(self) -> Optional[VisionTower]:
         return getattr(self, "image_tower", None)
@@ -107,7 +110,9 @@ class LlavaMetaModel:
                 f"Pass --image_tower {tower.name} (or start from a checkpoint without a tower)."
             )
         else:
-            tower.set_feature_selection(select_layer, select_feature)
+            # The checkpoint's token selection stays (an original SigLIP checkpoint drops its first patch).
+            keep = tower.drop_first_token if select_feature == tower.select_feature else None
+            tower.set_feature_selection(select_layer, select_feature, keep)
 
         config.mm_image_tower = name
         config.mm_image_tower_config = tower.config.to_dict()
@@ -115,7 +120,10 @@ class LlavaMetaModel:
         config.mm_hidden_size = tower.hidden_size
         config.mm_vision_select_layer = select_layer
         config.mm_vision_select_feature = select_feature
+        config.mm_vision_drop_first_token = tower.drop_first_token
         config.use_mm_proj = True
+        for key, value in ORIGINAL_CONFIG_FIELDS.items():
+            setattr(config, key, value)
 
         projector = getattr(self, "mm_projector", None)
         if projector is None:
@@ -164,6 +172,14 @@ class LlavaMetaForCausalLM(ABC):
     Its `forward` splices the images into the inputs and hands them to the backbone's forward; its
     generation hooks pass `images` along and continue from the spliced attention mask.
     """
+
+    def __init_subclass__(cls, **kwargs):
+        # Stored tensors this model knowingly has no place for (checkpoint_layouts' SigLIP rule, which logs
+        # them): added to the backbone's own list, which transformers drops from the unexpected keys.
+        super().__init_subclass__(**kwargs)
+        ignored = list(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or [])
+        if SIGLIP_POOLING_HEAD.pattern not in ignored:
+            cls._keys_to_ignore_on_load_unexpected = ignored + [SIGLIP_POOLING_HEAD.pattern]
 
     @abstractmethod
     def get_model(self):

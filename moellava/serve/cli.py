@@ -12,9 +12,12 @@ from its family's default; `--conv-mode` overrides it. Answers go to stdout, dia
 
 import argparse
 import contextlib
+import io
 import logging
 import sys
 import threading
+import urllib.error
+import urllib.request
 from typing import Iterator, List, Optional, Sequence, Union
 
 import torch
@@ -32,6 +35,7 @@ from moellava.mm_utils import (
     unused_vocabulary_rows,
 )
 from moellava.tokenization import FAMILIES, family_for_model_type
+from moellava.utils import add_local_rank_argument
 
 # DeepSpeed (imported by the MoE layers) creates its loggers on stdout; here stdout carries only answers.
 with contextlib.redirect_stdout(sys.stderr):
@@ -40,6 +44,7 @@ with contextlib.redirect_stdout(sys.stderr):
 logger = logging.getLogger(__name__)
 
 Images = Union[None, Image.Image, Sequence[Image.Image]]
+URL_TIMEOUT_S = 30
 
 
 def default_conv_mode(config) -> str:
@@ -251,20 +256,24 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="default: float32 on CPU, float16 on GPU")
     parser.add_argument("--moe-backend", default="native", choices=["native", "deepspeed"])
+    parser.add_argument("--load-8bit", action="store_true", help="not available: needs bitsandbytes and a CUDA GPU")
+    parser.add_argument("--load-4bit", action="store_true", help="not available: needs bitsandbytes and a CUDA GPU")
+    add_local_rank_argument(parser)
 
 
 def load_chat_model(args: argparse.Namespace):
     """`(tokenizer, model, image_processor, conv_mode)` for the flags of `add_model_arguments`."""
-    tokenizer, model, image_processor, _ = load_pretrained_model(
-        args.model_path, args.model_base, device=args.device, torch_dtype=args.dtype, moe_backend=args.moe_backend
+    tokenizer, model, processor, _ = load_pretrained_model(
+        args.model_path, args.model_base, None, args.load_8bit, args.load_4bit, device=args.device,
+        torch_dtype=args.dtype, moe_backend=args.moe_backend,
     )
-    return tokenizer, model, image_processor, resolve_conv_mode(model.config, args.conv_mode)
+    return tokenizer, model, processor["image"], resolve_conv_mode(model.config, args.conv_mode)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
-    parser.add_argument("--image-file", required=True, help="path of the image to talk about")
+    parser.add_argument("--image-file", required=True, help="path or http(s) URL of the image to talk about")
     parser.add_argument("--query", default=None, help="answer this one question and exit")
     parser.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")
     parser.add_argument("--max-new-tokens", type=int, default=512)
@@ -273,9 +282,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_image(path: str) -> Image.Image:
-    """The image of `--image-file` as RGB, or a clear error (checked before the model is loaded)."""
+    """The image of `--image-file` (a path, or an http/https URL) as RGB, or a clear error (checked before the
+    model is loaded)."""
     try:
-        with Image.open(path) as opened:
+        with Image.open(read_url(path) if path.startswith(("http://", "https://")) else path) as opened:
             return opened.convert("RGB")
     except FileNotFoundError:
         raise ValueError(f"--image-file {path}: no such file.") from None
@@ -285,6 +295,18 @@ def load_image(path: str) -> Image.Image:
         raise ValueError(f"--image-file {path} is not an image file that PIL can read (PNG, JPEG, ...).") from None
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"--image-file {path} cannot be decoded: {err}.") from None
+
+
+def read_url(url: str) -> io.BytesIO:
+    """The bytes at an http(s) URL, or a ValueError naming it."""
+    try:
+        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:
+            return io.BytesIO(response.read())
+    except urllib.error.HTTPError as err:
+        raise ValueError(f"--image-file {url}: the server answered {err.code} {err.reason}.") from None
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise ValueError(f"--image-file {url} cannot be downloaded ({reason}).") from None
 
 
 def main(argv=None) -> None:

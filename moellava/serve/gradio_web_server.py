@@ -49,7 +49,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-upload-mb", type=float, default=20, help="largest image file accepted")
     parser.add_argument("--render-markdown", type=str2bool, default=True,
                         help="show answers as Markdown (False: the text exactly as generated)")
-    parser.add_argument("--local_rank", type=int, default=-1, help="passed by the deepspeed launcher; unused")
     return parser.parse_args(argv)
 
 

@@ -17,6 +17,7 @@ import copy
 import json
 import os
 import sys
+from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence
 
 from moellava import conversation as conversation_lib
@@ -29,6 +30,7 @@ from moellava.train.data_check import (
     summary,
 )
 from moellava.train.preprocess import TokenizerTemplateError, find_trained_spans
+from moellava.utils import add_local_rank_argument
 
 from .families import detect_family, load_tokenizer
 
@@ -80,6 +82,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--model-max-length", type=int, default=None,
                         help="truncation length, as --model_max_length in training (default: the tokenizer's)")
     parser.add_argument("--limit", type=int, default=None, help="scan only the first N samples of --data")
+    add_local_rank_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -252,6 +255,7 @@ def read_model_config(model_path: str) -> dict:
 
 def tokens_per_image(args: argparse.Namespace, config: dict) -> int:
     """--tokens-per-image, else counted from --image-tower, else from the checkpoint's tower; 0 if none."""
+    from moellava.model.checkpoint_layouts import vision_drop_first_token
     from moellava.model.multimodal_encoder.builder import count_image_tokens
 
     if args.tokens_per_image is not None:
@@ -260,7 +264,8 @@ def tokens_per_image(args: argparse.Namespace, config: dict) -> int:
         return count_image_tokens(args.image_tower, args.mm_vision_select_feature)
     if config.get("mm_image_tower"):
         return count_image_tokens(config["mm_image_tower"], config.get("mm_vision_select_feature", "patch"),
-                                  config.get("mm_image_tower_config"))
+                                  config.get("mm_image_tower_config"),
+                                  vision_drop_first_token(SimpleNamespace(**config)))
     return 0
 
 

@@ -115,6 +115,11 @@ class DataArguments:
         default=None, metadata={"help": "One or more LLaVA-format JSON files (a list of samples each)."}
     )
     image_folder: Optional[str] = field(default=None, metadata={"help": "Folder the samples' image paths are relative to."})
+    lazy_preprocess: bool = field(
+        default=True,
+        metadata={"help": "Accepted for the original MoE-LLaVA command lines: samples are always preprocessed "
+                  "lazily here (when a batch needs them), whatever the value."},
+    )
     image_aspect_ratio: Literal["square", "pad"] = field(
         default="square",
         metadata={"help": "square: the processor's resize + centre crop; pad: pad to square first (stages 2-3)."},

@@ -25,6 +25,7 @@ import moellava.model  # noqa: F401  (registers the llava_* / moe_llava_* model 
 from moellava import conversation as conversation_lib
 from moellava.errors import run_main
 from moellava.model.builder import is_stage1_output, load_config
+from moellava.model.checkpoint_layouts import load_checkpoint
 from moellava.model.moe import build_moe_settings, freeze_for_moe_training
 from moellava.model.moe_model import has_moe_layers
 from moellava.tokenization import family_for_model_type, get_family, load_tokenizer
@@ -126,7 +127,9 @@ def continued_moe_settings(path: str, saved: dict, requested: dict, model_args: 
 
 
 def load_model(model_args: ModelArguments, training_args: TrainingArguments):
-    """The model of `--model_name_or_path` in its LLaVA class (MoE class for stage 3)."""
+    """The model of `--model_name_or_path` in its LLaVA class (MoE class for stage 3), loaded as
+    `load_pretrained_model` loads it (checkpoint_layouts: a published checkpoint's layout, a tower it does not
+    store taken from its config's tower path or `--image_tower`, any other gap refused)."""
     path = model_args.model_name_or_path
     if is_stage1_output(path):
         raise ValueError(
@@ -149,8 +152,8 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments):
     dtype = torch.float32
     if training_args.deepspeed and (training_args.bf16 or training_args.fp16):
         dtype = torch.bfloat16 if training_args.bf16 else torch.float16
-    model = model_class.from_pretrained(path, config=config, cache_dir=training_args.cache_dir, torch_dtype=dtype,
-                                        trust_remote_code=False)
+    model = load_checkpoint(model_class, path, config, torch_dtype=dtype, cache_dir=training_args.cache_dir,
+                            image_tower=model_args.image_tower)
     model.config.use_cache = False
     return model
 
@@ -278,6 +281,8 @@ def train(argv: Optional[Sequence[str]] = None) -> None:
         model.config.mm_use_im_start_end = model_args.mm_use_im_start_end
         model.config.mm_use_im_patch_token = model_args.mm_use_im_patch_token
         model.config.mm_projector_lr = training_args.mm_projector_lr
+        model.config.tune_mm_mlp_adapter = model_args.tune_mm_mlp_adapter
+        model.config.freeze_mm_mlp_adapter = training_args.freeze_mm_mlp_adapter
         model.initialize_vision_tokenizer(vision_args, tokenizer)
     elif model_args.tune_mm_mlp_adapter or model_args.pretrain_mm_mlp_adapter:
         raise ValueError("The projector flags need an image tower: pass --image_tower.")

@@ -35,11 +35,10 @@ from moellava import conversation as conversation_lib
 from moellava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from moellava.errors import run_main
 from moellava.mm_utils import KeywordsStoppingCriteria
-from moellava.model.builder import load_pretrained_model
 from moellava.model.llava_arch import LlavaMetaForCausalLM
 from moellava.model.moe import moe_blocks
 from moellava.model.moe.routing import route_tokens
-from moellava.serve.cli import default_conv_mode
+from moellava.serve.cli import add_model_arguments, load_chat_model, resolve_conv_mode
 from moellava.train.arguments import DataArguments
 from moellava.train.dataset import LazySupervisedDataset
 from moellava.train.preprocess import ASSISTANT_ROLES, find_trained_spans
@@ -314,8 +313,6 @@ def prompt_and_roles(input_ids: torch.Tensor, labels: torch.Tensor, reference_an
     """From a training-tokenized conversation (`preprocess`): the prompt that asks for its last answer and
     the role of each prompt token (earlier answers are ANSWER). With `reference_answer` the whole
     conversation is the prompt and its last answer keeps the ANSWER role."""
-    from moellava.train.preprocess import find_trained_spans
-
     spans = find_trained_spans(labels.tolist())
     end = input_ids.shape[0] if reference_answer else spans[-1][0]
     roles = torch.where(labels[:end] != IGNORE_INDEX, ANSWER, INSTRUCTION).to(torch.uint8)
@@ -324,22 +321,16 @@ def prompt_and_roles(input_ids: torch.Tensor, labels: torch.Tensor, reference_an
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-path", required=True, help="MoE checkpoint folder")
-    parser.add_argument("--model-base", default=None, help="base LLM folder under a Stage-1 output")
+    add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="LLaVA-format JSON file (a list of samples ending with a gpt turn)")
     parser.add_argument("--image-folder", default=None, help="folder the samples' image paths are relative to")
     parser.add_argument("--output", required=True, help="NAME: writes NAME.safetensors and NAME.json")
-    parser.add_argument("--conv-mode", default=None, help="conversation template (default: the checkpoint's)")
     parser.add_argument("--limit", type=int, default=None, help="capture only the first N samples")
     parser.add_argument("--reference-answers", action="store_true",
                         help="route the data's own last answer (one forward) instead of generating it")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--no-cache", action="store_true", help="generate without the KV cache (slower; same routes)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                        help="default: float32 on CPU, float16 on GPU")
-    parser.add_argument("--moe-backend", default="native", choices=["native", "deepspeed"])
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit {args.limit}: give a positive number of samples.")
@@ -351,7 +342,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def capture_dataset(model, tokenizer, image_processor, args) -> RoutingRecorder:
     """Route each sample of `args.data` through `model`; returns the recorder holding them."""
     config = model.config
-    conv = conversation_lib.set_default_conversation(args.conv_mode or default_conv_mode(config))
+    conv = conversation_lib.set_default_conversation(resolve_conv_mode(config, args.conv_mode))
     tower = model.get_image_tower()
     data_args = DataArguments(data_path=[args.data], image_folder=args.image_folder,
                               image_aspect_ratio=getattr(config, "image_aspect_ratio", None))
@@ -395,9 +386,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's loggers print on stdout
-        tokenizer, model, image_processor, _ = load_pretrained_model(
-            args.model_path, args.model_base, device=args.device, torch_dtype=args.dtype, moe_backend=args.moe_backend
-        )
+        tokenizer, model, image_processor, _ = load_chat_model(args)
     recorder = capture_dataset(model, tokenizer, image_processor, args)
     tensors_path, index_path = recorder.save(args.output)
     records = recorder.records

@@ -5,6 +5,7 @@ from typing import Optional
 
 from transformers import PretrainedConfig
 
+from moellava.model.checkpoint_layouts import vision_drop_first_token
 from moellava.model.multimodal_encoder.base_encoder import VisionTower
 from moellava.model.multimodal_encoder.clip_encoder import CLIPVisionTower
 from moellava.model.multimodal_encoder.siglip_encoder import SiglipVisionTower
@@ -46,7 +47,8 @@ def build_image_tower(config) -> VisionTower:
     """
     name = config.mm_image_tower
     select = dict(select_layer=getattr(config, "mm_vision_select_layer", -2),
-                  select_feature=getattr(config, "mm_vision_select_feature", "patch"))
+                  select_feature=getattr(config, "mm_vision_select_feature", "patch"),
+                  drop_first_token=vision_drop_first_token(config))
     vision_config = getattr(config, "mm_image_tower_config", None)
     processor_config = getattr(config, "mm_image_processor_config", None)
     if vision_config is not None and processor_config is not None:
@@ -62,10 +64,12 @@ def build_image_tower(config) -> VisionTower:
     )
 
 
-def count_image_tokens(name: str, select_feature: str = "patch", vision_config: Optional[dict] = None) -> int:
-    """Tokens one image becomes, from the tower's config alone (`vision_config`, else read from `name`)."""
+def count_image_tokens(name: str, select_feature: str = "patch", vision_config: Optional[dict] = None,
+                       drop_first_token: Optional[bool] = None) -> int:
+    """Tokens one image becomes, from the tower's config alone (`vision_config`, else read from `name`);
+    `drop_first_token` as the LLaVA config decides it (`checkpoint_layouts.vision_drop_first_token`)."""
     if vision_config is None:
         vision_config, _ = PretrainedConfig.get_config_dict(name)
     tower_class = tower_class_for(vision_config.get("model_type"), name)
     config = tower_class.config_class.from_dict(vision_config.get("vision_config", vision_config))
-    return tower_class.count_tokens(config, select_feature)
+    return tower_class.count_tokens(config, select_feature, drop_first_token)

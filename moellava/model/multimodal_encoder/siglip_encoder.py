@@ -264,7 +264,8 @@ class SiglipImageProcessor(BaseImageProcessor):
 
 
 class SiglipVisionTower(VisionTower):
-    """SigLIP ViT: no CLS token, so `select_feature='patch'` keeps every patch (729 for so400m-patch14-384)."""
+    """SigLIP ViT: no CLS token, so `select_feature='patch'` keeps every patch (729 for so400m-patch14-384),
+    except for checkpoints of the original MoE-LLaVA, which drop the first one (`mm_vision_drop_first_token`)."""
 
     model_class = SiglipVisionModel
     config_class = SiglipVisionConfig
