@@ -136,7 +136,8 @@ def caption_sample(sample_id: str, image: str, spec: ShapeSpec, rng: random.Rand
 
 
 def conversation_sample(sample_id: str, image: str, spec: ShapeSpec, rng: random.Random) -> dict:
-    """One to four question-answer turns about the image, in random order; `<image>` opens the first."""
+    """One to three question-answer turns about the image, in random order; `<image>` opens the first.
+    Three keep the longest sample, its image expanded, within the demo's 256 tokens."""
     turns = [
         (rng.choice(COLOUR_QUESTIONS), colour_answer(spec)),
         (rng.choice(SHAPE_QUESTIONS), shape_answer(spec)),
@@ -145,7 +146,7 @@ def conversation_sample(sample_id: str, image: str, spec: ShapeSpec, rng: random
         probe_turn(spec, rng),
     ]
     rng.shuffle(turns)
-    turns = turns[: rng.randint(1, 4)]
+    turns = turns[: rng.randint(1, 3)]
     conversations = []
     for i, (question, answer) in enumerate(turns):
         conversations.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + question})
