@@ -11,8 +11,12 @@ core behave identically everywhere:
 * ``validate_rope_scaling``: checks a config's ``rope_scaling`` dict.
 * ``repeat_kv``: expands key/value heads for grouped-query attention.
 * ``build_attention_mask``: the 4-D additive causal + padding mask, with an optional sliding window.
+* ``attention_mask_if_needed``: that mask only where plain causal attention would differ (left padding,
+  padding in the cache, an active sliding window, a chunk after cached tokens), else None, so that
+  ``scaled_dot_product_attention`` runs with ``is_causal`` and no mask: the flash kernel's condition.
 * ``update_kv_cache``: prepends a layer's cached keys/values and returns what to cache next.
-* ``attention_core``: softmax(QK^T/sqrt(d) + mask) V over grouped key/value heads, returning merged heads.
+* ``attention_core``: softmax(QK^T/sqrt(d) + mask) V over grouped key/value heads (causal when the mask is
+  None), returning merged heads.
 * ``SwiGLUMLP``: ``down_proj(act(gate_proj(x)) * up_proj(x))`` (Llama/Mistral/StableLM names).
 * ``decoder_layer_outputs``: the ``(hidden_states, [attentions], [present])`` tuple a decoder layer returns.
 * ``init_linear_and_embedding``: the normal(0, initializer_range) init every family starts from.
@@ -160,6 +164,15 @@ def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
     return hidden_states.reshape(batch, kv_heads * n_rep, seq_len, head_dim)
 
 
+def _check_mask_shape(attention_mask: torch.Tensor, batch_size: int, kv_length: int) -> None:
+    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch_size, kv_length):
+        raise ValueError(
+            f"attention_mask must be 2-D [batch, past + new tokens] = [{batch_size}, {kv_length}], got "
+            f"{tuple(attention_mask.shape)}; when decoding with past_key_values pass the mask of the "
+            "whole sequence so far"
+        )
+
+
 def build_attention_mask(
     attention_mask: Optional[torch.Tensor],
     batch_size: int,
@@ -187,15 +200,45 @@ def build_attention_mask(
         allowed = allowed & (key_index > query_index - sliding_window)
     allowed = allowed[None, None, :, :].expand(batch_size, 1, query_length, kv_length)
     if attention_mask is not None:
-        if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch_size, kv_length):
-            raise ValueError(
-                f"attention_mask must be 2-D [batch, past + new tokens] = [{batch_size}, {kv_length}], got "
-                f"{tuple(attention_mask.shape)}; when decoding with past_key_values pass the mask of the "
-                "whole sequence so far"
-            )
+        _check_mask_shape(attention_mask, batch_size, kv_length)
         allowed = allowed & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def attention_mask_if_needed(
+    attention_mask: Optional[torch.Tensor],
+    batch_size: int,
+    query_length: int,
+    past_length: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    sliding_window: Optional[int] = None,
+) -> Optional[torch.Tensor]:
+    """``build_attention_mask(...)`` where it changes what a real token attends to, else None (plain causal
+    attention: ``attention_core`` then runs SDPA with ``is_causal``, which PyTorch's flash kernel accepts).
+
+    No mask is needed when the 2-D ``attention_mask`` is absent or all ones, or right padding only with no
+    cache (training batches: a real token never sees the padding after it; the padding positions' own
+    outputs differ, and nothing reads them: their labels are ignored), provided the sliding window covers
+    every key and the queries either start the sequence or are a single decoding step.
+    """
+    kv_length = past_length + query_length
+    if attention_mask is not None:
+        _check_mask_shape(attention_mask, batch_size, kv_length)
+    window_acts = sliding_window is not None and kv_length > sliding_window
+    # SDPA's is_causal aligns the first query with the first key: right for a whole sequence, and a single
+    # query sees every key anyway; a chunk of several queries after cached keys needs the explicit mask.
+    causal_aligns = past_length == 0 or query_length == 1
+    padding_matters = False
+    if attention_mask is not None:
+        real = attention_mask.bool()
+        right_padded_only = bool((real[:, 1:] <= real[:, :-1]).all())
+        padding_matters = not (bool(real.all()) or (past_length == 0 and right_padded_only))
+    if window_acts or not causal_aligns or padding_matters:
+        return build_attention_mask(attention_mask, batch_size, query_length, past_length, dtype, device,
+                                    sliding_window=sliding_window)
+    return None
 
 
 def update_kv_cache(
@@ -220,16 +263,25 @@ def attention_core(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``softmax(q k^T / sqrt(head_dim) + mask) v`` for ``[batch, heads, seq, head_dim]`` inputs. Keys and
     values may have fewer heads (grouped-query attention): each is shared by ``heads / kv_heads`` queries.
+    ``attention_mask`` None means causal (query i sees keys 0..i; a single query sees every key), computed
+    by SDPA's ``is_causal`` without materialising a mask (see ``attention_mask_if_needed``).
 
     Returns the context with heads merged, ``[batch, q_len, heads * head_dim]`` in the query dtype, and
     the attention probabilities when ``output_attentions`` (otherwise None: the fused SDPA kernel runs).
-    ``upcast`` computes in fp32 (Phi-2's scores overflow fp16). The caller passes ``dropout_p=0`` in eval.
+    ``upcast`` computes in fp32. The caller passes ``dropout_p=0`` in eval.
     """
     groups, rest = divmod(query.shape[1], key.shape[1])
     if rest:
         raise ValueError(
             f"{query.shape[1]} query heads cannot share {key.shape[1]} key/value heads; num_attention_heads must "
             "be a multiple of num_key_value_heads in config.json"
+        )
+    q_len, kv_len = query.shape[2], key.shape[2]
+    is_causal = attention_mask is None and q_len > 1
+    if is_causal and q_len != kv_len:
+        raise ValueError(
+            f"causal attention without a mask needs as many queries as keys, got {q_len} and {kv_len}; build the "
+            "mask with attention_mask_if_needed (it does so for a chunk after cached tokens)"
         )
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     out_dtype = query.dtype
@@ -239,13 +291,17 @@ def attention_core(
         attention_mask = attention_mask.to(query.dtype)
     weights = None
     if output_attentions:
+        if is_causal:
+            attention_mask = build_attention_mask(None, 1, q_len, 0, query.dtype, query.device)
         scores = torch.matmul(query, key.transpose(2, 3)) / math.sqrt(query.shape[-1])
         if attention_mask is not None:
             scores = scores + attention_mask
         weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
         context = torch.matmul(F.dropout(weights, p=dropout_p, training=dropout_p > 0), value)
     else:
-        context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout_p)
+        context = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=dropout_p, is_causal=is_causal
+        )
     batch, heads, q_len, head_dim = context.shape
     context = context.transpose(1, 2).reshape(batch, q_len, heads * head_dim).to(out_dtype)
     return context, weights
@@ -307,7 +363,8 @@ def decoder_inputs(
     """What an inner model's layers start from: ``(inputs_embeds, causal_mask, position_ids, past_length)``.
 
     Embeds ``input_ids`` with ``model.get_input_embeddings()`` unless ``inputs_embeds`` are given; positions
-    default to ``past_length ..``; ``causal_mask`` is the 4-D mask of ``build_attention_mask``.
+    default to ``past_length ..``; ``causal_mask`` is the 4-D mask of ``build_attention_mask`` where one is
+    needed, else None (plain causal attention, see ``attention_mask_if_needed``).
     """
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError(f"{type(model).__name__}: pass exactly one of input_ids or inputs_embeds")
@@ -318,7 +375,7 @@ def decoder_inputs(
     if position_ids is None:
         position_ids = torch.arange(past_length, past_length + seq_length, device=inputs_embeds.device)
         position_ids = position_ids.unsqueeze(0).expand(batch, -1)
-    causal_mask = build_attention_mask(
+    causal_mask = attention_mask_if_needed(
         attention_mask,
         batch,
         seq_length,

@@ -52,6 +52,8 @@ class PhiAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim)
         self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim)
         self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size)
+        # The official eager attention always runs in fp32; here only when the config asks for it.
+        self.upcast_attention = config.upcast_attention
         self.qk_layernorm = config.qk_layernorm
         if self.qk_layernorm:
             # Normalises each head's query/key vector.
@@ -78,7 +80,6 @@ class PhiAttention(nn.Module):
 
         query, key = apply_rotary_pos_emb(query, key, *rotary_pos_emb)
         key, value, present = update_kv_cache(key, value, past_key_value, use_cache)
-        # Phi-2's attention scores overflow fp16, hence fp32 attention (as the official model).
         context, weights = attention_core(
             query,
             key,
@@ -86,7 +87,7 @@ class PhiAttention(nn.Module):
             attention_mask,
             dropout_p=self.attention_dropout if self.training else 0.0,
             output_attentions=output_attentions,
-            upcast=True,
+            upcast=self.upcast_attention,
         )
         return self.dense(context), weights, present
 
