@@ -1,4 +1,4 @@
-"""Family-independent pieces of the decoder-only backbones (qwen, phi, stablelm, mistral).
+"""Family-independent pieces of the decoder-only backbones (llama, qwen, phi, stablelm, mistral).
 
 Every family module builds its decoder from these, so rotary positions, masks and the attention
 core behave identically everywhere:
@@ -8,6 +8,8 @@ core behave identically everywhere:
   channels of each head (partial rotary: the remaining channels pass through), with linear position
   scaling and NTK-aware base scaling (a scalar or one alpha per sample).
 * ``dynamic_ntk_alpha``: the HF "dynamic" rope-scaling alpha for a sequence length.
+* ``rotary_for_rope_scaling`` + ``rope_scaling_ntk_alpha``: the rotary embedding and per-forward alpha of a
+  config's HF ``rope_scaling`` (``linear`` scales the positions, ``dynamic`` the base).
 * ``validate_rope_scaling``: checks a config's ``rope_scaling`` dict.
 * ``repeat_kv``: expands key/value heads for grouped-query attention.
 * ``build_attention_mask``: the 4-D additive causal + padding mask, with an optional sliding window.
@@ -18,6 +20,9 @@ core behave identically everywhere:
 * ``attention_core``: softmax(QK^T/sqrt(d) + mask) V over grouped key/value heads (causal when the mask is
   None), returning merged heads.
 * ``SwiGLUMLP``: ``down_proj(act(gate_proj(x)) * up_proj(x))`` (Llama/Mistral/StableLM names).
+* ``GroupedQueryAttention`` + ``RMSNormDecoderLayer``: the Llama/Mistral attention (``q_proj`` .. ``o_proj``,
+  rotary, grouped key/value heads, cache) and pre-norm block (``input_layernorm``, ``self_attn``,
+  ``post_attention_layernorm``, ``mlp``).
 * ``decoder_layer_outputs``: the ``(hidden_states, [attentions], [present])`` tuple a decoder layer returns.
 * ``init_linear_and_embedding``: the normal(0, initializer_range) init every family starts from.
 * ``decoder_inputs`` + ``run_decoder_stack``: the inner model's forward around what each family adds
@@ -137,6 +142,24 @@ def dynamic_ntk_alpha(seq_len: int, max_position_embeddings: int, factor: float)
     if seq_len <= max_position_embeddings:
         return 1.0
     return factor * seq_len / max_position_embeddings - (factor - 1)
+
+
+def rotary_for_rope_scaling(dim: int, base: float, rope_scaling: Optional[dict]) -> RotaryEmbedding:
+    """The rotary embedding of an HF ``rope_scaling`` config field: ``linear`` divides the positions by its
+    factor; ``dynamic`` changes the base per forward (``rope_scaling_ntk_alpha``); None: plain."""
+    rope_scaling = rope_scaling or {}
+    factor = rope_scaling["factor"] if rope_scaling.get("type") == "linear" else 1.0
+    return RotaryEmbedding(dim, base=base, scaling_factor=factor)
+
+
+def rope_scaling_ntk_alpha(
+    rope_scaling: Optional[dict], max_position_embeddings: int, kv_length: int
+) -> Optional[float]:
+    """The NTK alpha of a forward over ``kv_length`` tokens (past + new) under ``dynamic`` rope scaling, else
+    None."""
+    if rope_scaling is None or rope_scaling["type"] != "dynamic":
+        return None
+    return dynamic_ntk_alpha(kv_length, max_position_embeddings, rope_scaling["factor"])
 
 
 def validate_rope_scaling(rope_scaling: Optional[dict]) -> None:
@@ -321,6 +344,85 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+class GroupedQueryAttention(nn.Module):
+    """Llama-style attention: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``; rotary queries and keys;
+    ``num_key_value_heads`` key/value heads, each shared by ``num_heads / num_key_value_heads`` query heads."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_key_value_heads: int, head_dim: int,
+                 attention_dropout: float = 0.0, bias: bool = False):
+        super().__init__()
+        self.num_heads, self.num_key_value_heads, self.head_dim = num_heads, num_key_value_heads, head_dim
+        self.attention_dropout = attention_dropout
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, num_key_value_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, num_key_value_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        rotary_pos_emb: Tuple[torch.Tensor, torch.Tensor],
+        past_key_value: Optional[KVCache] = None,
+        output_attentions: bool = False,
+        use_cache: bool = False,
+    ):
+        batch, q_len, _ = hidden_states.shape
+        query = self.q_proj(hidden_states).view(batch, q_len, self.num_heads, self.head_dim).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(batch, q_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(batch, q_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+
+        query, key = apply_rotary_pos_emb(query, key, *rotary_pos_emb)
+        key, value, present = update_kv_cache(key, value, past_key_value, use_cache)
+        context, weights = attention_core(
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+            output_attentions=output_attentions,
+        )
+        return self.o_proj(context), weights, present
+
+
+class RMSNormDecoderLayer(nn.Module):
+    """Llama / Mistral pre-norm block: ``h = x + attn(norm(x))``, ``out = h + mlp(norm(h))`` with RMSNorm and a
+    SwiGLU ``mlp``. Reads ``hidden_size``, ``intermediate_size``, ``hidden_act``, ``rms_norm_eps``,
+    ``num_attention_heads``, ``num_key_value_heads`` and, when present, ``attention_dropout`` and
+    ``attention_bias`` from ``config``."""
+
+    def __init__(self, config, head_dim: int):
+        super().__init__()
+        self.self_attn = GroupedQueryAttention(
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            head_dim,
+            attention_dropout=getattr(config, "attention_dropout", 0.0),
+            bias=getattr(config, "attention_bias", False),
+        )
+        self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        rotary_pos_emb: Tuple[torch.Tensor, torch.Tensor],
+        past_key_value: Optional[KVCache] = None,
+        output_attentions: bool = False,
+        use_cache: bool = False,
+    ):
+        attn_output, weights, present = self.self_attn(
+            self.input_layernorm(hidden_states), attention_mask, rotary_pos_emb, past_key_value, output_attentions,
+            use_cache,
+        )
+        residual = hidden_states + attn_output
+        hidden_states = residual + self.mlp(self.post_attention_layernorm(residual))
+        return decoder_layer_outputs(hidden_states, weights, present, output_attentions, use_cache)
 
 
 def decoder_layer_outputs(

@@ -15,13 +15,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..common import (
     DecoderForCausalLM,
-    RotaryEmbedding,
     apply_rotary_pos_emb,
     attention_core,
     decoder_inputs,
     decoder_layer_outputs,
-    dynamic_ntk_alpha,
     init_linear_and_embedding,
+    rope_scaling_ntk_alpha,
+    rotary_for_rope_scaling,
     run_decoder_stack,
     update_kv_cache,
 )
@@ -149,11 +149,8 @@ class PhiModel(PhiPreTrainedModel):
         self.layers = nn.ModuleList([PhiDecoderLayer(config) for _ in range(config.num_hidden_layers)])
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         head_dim = config.hidden_size // config.num_attention_heads
-        rope_scaling = config.rope_scaling or {}
-        self.rotary_emb = RotaryEmbedding(
-            int(head_dim * config.partial_rotary_factor),
-            base=config.rope_theta,
-            scaling_factor=rope_scaling["factor"] if rope_scaling.get("type") == "linear" else 1.0,
+        self.rotary_emb = rotary_for_rope_scaling(
+            int(head_dim * config.partial_rotary_factor), config.rope_theta, config.rope_scaling
         )
         self.gradient_checkpointing = False
         self.post_init()
@@ -163,12 +160,6 @@ class PhiModel(PhiPreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.embed_tokens = value
-
-    def _ntk_alpha(self, kv_length: int) -> Optional[float]:
-        rope_scaling = self.config.rope_scaling
-        if rope_scaling is None or rope_scaling["type"] != "dynamic":
-            return None
-        return dynamic_ntk_alpha(kv_length, self.config.max_position_embeddings, rope_scaling["factor"])
 
     def forward(
         self,
@@ -185,7 +176,10 @@ class PhiModel(PhiPreTrainedModel):
         inputs_embeds, causal_mask, position_ids, past_length = decoder_inputs(
             self, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values
         )
-        rotary_pos_emb = self.rotary_emb(position_ids, self._ntk_alpha(past_length + inputs_embeds.shape[1]))
+        ntk_alpha = rope_scaling_ntk_alpha(
+            self.config.rope_scaling, self.config.max_position_embeddings, past_length + inputs_embeds.shape[1]
+        )
+        rotary_pos_emb = self.rotary_emb(position_ids, ntk_alpha)
         hidden_states = self.embed_dropout(inputs_embeds)
         return run_decoder_stack(
             self, self.layers, self.final_layernorm, hidden_states, (causal_mask, rotary_pos_emb), past_key_values,
