@@ -22,7 +22,6 @@ its tokenizer_config.json, the slow tokenizer training uses; Qwen's qwen.tiktoke
 """
 
 import argparse
-import os
 import random
 import statistics
 import sys
@@ -37,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import SHARED_DATA, write_real_tokenizer_folder  # noqa: E402
+from harness import machine_line  # noqa: E402
 from test_preprocess import SEED_QWEN, SEED_V1, seed_labels  # noqa: E402
 from test_preprocess_labels import rendered_pieces, whole_prefix_labels  # noqa: E402
 
@@ -119,8 +119,7 @@ def main(argv=None) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_preprocess_"))
     print(f"Labelling throughput, CPU time of one thread (median of {args.repeats} round-robin passes), "
           f"{args.samples} generated LLaVA-style conversations per row")
-    print(f"ratios: ours / seed arithmetic and ours / whole-prefix (both measured in this run); load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"ratios: ours / seed arithmetic and ours / whole-prefix (both measured in this run); {machine_line('cpu')}")
     print()
     header = (f"{'tokenizer':>9} {'rounds':>6} {'tokens':>7} {'ours/s':>8} {'seed/s':>8} {'prefix/s':>9} "
               f"{'x seed':>7} {'x prefix':>8} {'seed mism.':>10}")
