@@ -23,7 +23,10 @@ import json
 import torch
 import transformers
 
-from harness import MEMORY_NOTE, machine_line, peak_memory_mib, round_robin, run_worker
+from harness import (
+    MEMORY_NOTE, add_device_arguments, clock_name, device_argv, machine_line, peak_memory_mib,
+    resolve_device_arguments, round_robin, run_worker,
+)
 
 LAYER_VARIANTS = ("eager", "sdpa+mask", "sdpa causal")
 TOWER_VARIANTS = ("eager", "sdpa")
@@ -44,18 +47,10 @@ def parse_args(argv=None):
     parser.add_argument("--skip-tower", action="store_true")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default=None, help="cuda when available, else cpu")
-    parser.add_argument("--cpu-time", dest="cpu_time", action="store_true", default=None,
-                        help="one torch thread, CPU seconds (default on CPU)")
-    parser.add_argument("--wall-time", dest="cpu_time", action="store_false", help="all threads, wall seconds")
+    add_device_arguments(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.cpu_time is None:
-        args.cpu_time = args.device == "cpu"
-    if args.cpu_time:
-        torch.set_num_threads(1)
+    resolve_device_arguments(args)
     return args
 
 
@@ -156,8 +151,7 @@ def worker_argv(spec: str, tokens: int, args):
     return ["--worker", spec, "--tokens", str(tokens), "--batch", str(args.batch), "--hidden", str(args.hidden),
             "--heads", str(args.heads), "--intermediate", str(args.intermediate), "--tower-hidden",
             str(args.tower_hidden), "--tower-heads", str(args.tower_heads), "--tower-layers", str(args.tower_layers),
-            "--dtype", args.dtype, "--repeats", str(args.repeats), "--device", args.device,
-            "--cpu-time" if args.cpu_time else "--wall-time"]
+            "--dtype", args.dtype, "--repeats", str(args.repeats), *device_argv(args)]
 
 
 def main(argv=None) -> None:
@@ -165,7 +159,7 @@ def main(argv=None) -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.tokens[0], args)))
         return
-    clock = "CPU seconds of one thread" if args.cpu_time else "wall time"
+    clock = clock_name(args)
     print(f"Attention forward+backward, {machine_line(args.device)}, {args.dtype}")
     print(f"decoder layer: Llama, hidden {args.hidden}, {args.heads} heads, intermediate {args.intermediate}, "
           f"batch {args.batch}")

@@ -20,6 +20,35 @@ from typing import Callable, Dict, List, Sequence
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def add_device_arguments(parser) -> None:
+    """`--device` and the clock: `--cpu-time` (one torch thread, CPU seconds; the default on CPU) or `--wall-time`."""
+    parser.add_argument("--device", default=None, help="cuda when available, else cpu")
+    parser.add_argument("--cpu-time", dest="cpu_time", action="store_true", default=None,
+                        help="one torch thread, CPU seconds (default on CPU)")
+    parser.add_argument("--wall-time", dest="cpu_time", action="store_false", help="all threads, wall seconds")
+
+
+def resolve_device_arguments(args) -> None:
+    """Fills in the defaults of `add_device_arguments` and pins torch to one thread for `--cpu-time`."""
+    import torch
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.cpu_time is None:
+        args.cpu_time = args.device == "cpu"
+    if args.cpu_time:
+        torch.set_num_threads(1)
+
+
+def device_argv(args) -> List[str]:
+    """The device arguments again, for a worker process."""
+    return ["--device", args.device, "--cpu-time" if args.cpu_time else "--wall-time"]
+
+
+def clock_name(args) -> str:
+    return "CPU seconds of one thread" if args.cpu_time else "wall time"
+
+
 def machine_line(device: str) -> str:
     import torch
 

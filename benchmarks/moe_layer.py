@@ -26,7 +26,10 @@ import json
 import torch
 from torch import nn
 
-from harness import MEMORY_NOTE, init_single_process_group, machine_line, peak_memory_mib, round_robin, run_worker
+from harness import (
+    MEMORY_NOTE, add_device_arguments, clock_name, device_argv, init_single_process_group, machine_line,
+    peak_memory_mib, resolve_device_arguments, round_robin, run_worker,
+)
 
 CONFIGS = ("dense", "floor", "native", "deepspeed")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -46,10 +49,7 @@ def parse_args(argv=None):
     parser.add_argument("--dropless", action="store_true", help="no capacity limit on either backend")
     parser.add_argument("--repeats", type=int, default=5, help="timed forward+backward passes per layer")
     parser.add_argument("--quick", action="store_true", help="tokens 512 2048, hidden 256, 5 repeats")
-    parser.add_argument("--device", default=None, help="cuda when available, else cpu")
-    parser.add_argument("--cpu-time", dest="cpu_time", action="store_true", default=None,
-                        help="one torch thread, CPU seconds (default on CPU)")
-    parser.add_argument("--wall-time", dest="cpu_time", action="store_false", help="all threads, wall seconds")
+    add_device_arguments(parser)
     parser.add_argument("--worker", choices=("time",) + CONFIGS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -58,12 +58,7 @@ def parse_args(argv=None):
         args.intermediate = 4 * args.hidden
     if args.experts % args.top_k:
         parser.error("--experts must be a multiple of --top-k (the floor gives each group of k experts a slice)")
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.cpu_time is None:
-        args.cpu_time = args.device == "cpu"
-    if args.cpu_time:
-        torch.set_num_threads(1)
+    resolve_device_arguments(args)
     return args
 
 
@@ -150,7 +145,7 @@ def worker_argv(worker: str, num_tokens: int, args):
     argv = ["--worker", worker, "--tokens", str(num_tokens), "--hidden", str(args.hidden), "--intermediate",
             str(args.intermediate), "--experts", str(args.experts), "--top-k", str(args.top_k), "--mlp", args.mlp,
             "--dtype", args.dtype, "--capacity-factor", str(args.capacity_factor), "--repeats", str(args.repeats),
-            "--device", args.device, "--cpu-time" if args.cpu_time else "--wall-time"]
+            *device_argv(args)]
     return argv + (["--dropless"] if args.dropless else [])
 
 
@@ -163,7 +158,7 @@ def main(argv=None) -> None:
         print(json.dumps(memory_worker(args.worker, args.tokens[0], args)))
         return
     capacity = "dropless" if args.dropless else f"capacity factor {args.capacity_factor} (tokens dropped past it)"
-    clock = "CPU seconds of one thread" if args.cpu_time else "wall time"
+    clock = clock_name(args)
     print(f"MoE layer forward+backward, {machine_line(args.device)}")
     print(f"hidden {args.hidden}, {args.experts} {args.mlp} experts of intermediate {args.intermediate}, "
           f"top-{args.top_k}, {args.dtype}, {capacity}")

@@ -27,7 +27,10 @@ import torch
 import transformers
 from torch import nn
 
-from harness import MEMORY_NOTE, init_single_process_group, machine_line, peak_memory_mib, round_robin, run_worker
+from harness import (
+    MEMORY_NOTE, add_device_arguments, clock_name, device_argv, init_single_process_group, machine_line,
+    peak_memory_mib, resolve_device_arguments, round_robin, run_worker,
+)
 
 MOE = ("dense", "native", "deepspeed")
 ATTENTION = ("eager", "fused")
@@ -50,21 +53,13 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="fp32 on CPU, bf16 on CUDA")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: from the GPU name)")
-    parser.add_argument("--device", default=None, help="cuda when available, else cpu")
-    parser.add_argument("--cpu-time", dest="cpu_time", action="store_true", default=None,
-                        help="one torch thread, CPU seconds (default on CPU)")
-    parser.add_argument("--wall-time", dest="cpu_time", action="store_false", help="all threads, wall seconds")
+    add_device_arguments(parser)
     parser.add_argument("--tower", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolve_device_arguments(args)
     if args.dtype is None:
         args.dtype = "bf16" if args.device == "cuda" else "fp32"
-    if args.cpu_time is None:
-        args.cpu_time = args.device == "cpu"
-    if args.cpu_time:
-        torch.set_num_threads(1)
     return args
 
 
@@ -187,8 +182,7 @@ def worker_argv(spec: str, args):
     return ["--worker", spec, "--tower", args.tower, "--hidden", str(args.hidden), "--intermediate",
             str(args.intermediate), "--layers", str(args.layers), "--heads", str(args.heads), "--vocab",
             str(args.vocab), "--experts", str(args.experts), "--batch", str(args.batch), "--seq", str(args.seq),
-            "--dtype", args.dtype, "--repeats", str(args.repeats), "--device", args.device,
-            "--cpu-time" if args.cpu_time else "--wall-time"]
+            "--dtype", args.dtype, "--repeats", str(args.repeats), *device_argv(args)]
 
 
 def peak_tflops(args):
@@ -206,7 +200,7 @@ def main(argv=None) -> None:
     from moellava.demo.models import build_tower
 
     args.tower = build_tower(os.path.join(tempfile.mkdtemp(prefix="bench_train_step_"), "tower"))
-    clock = "CPU seconds of one thread" if args.cpu_time else "wall time"
+    clock = clock_name(args)
     tokens = tokens_per_step(args)
     print(f"Stage-3 training step (forward, backward, AdamW), {machine_line(args.device)}, {args.dtype}")
     print(f"MoE-LLaVA on Llama: hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "

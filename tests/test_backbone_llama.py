@@ -46,17 +46,6 @@ VICUNA_7B_V15_CONFIG = {
 TINY = dict(VICUNA_7B_V15_CONFIG, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
             num_hidden_layers=2, vocab_size=128, max_position_embeddings=64, torch_dtype="float32")
 
-LAYER_KEYS = [
-    "input_layernorm.weight", "mlp.down_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
-    "post_attention_layernorm.weight", "self_attn.k_proj.weight", "self_attn.o_proj.weight",
-    "self_attn.q_proj.weight", "self_attn.v_proj.weight",
-]
-
-
-def official_keys(num_layers):
-    keys = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
-    return keys | {f"model.layers.{i}.{name}" for i in range(num_layers) for name in LAYER_KEYS}
-
 
 def reference_model(seed=0, **overrides):
     """transformers 4.31's LlamaForCausalLM with every parameter random (norms around 1)."""
@@ -112,7 +101,7 @@ def test_official_config_loads_unchanged(tmp_path):
 
 def test_state_dict_keys_are_the_official_names():
     model = LlamaForCausalLM(LlamaConfig(**TINY))
-    assert set(model.state_dict()) == official_keys(TINY["num_hidden_layers"])
+    assert set(model.state_dict()) == family_checks.llama_layout_keys(TINY["num_hidden_layers"])
     assert model.get_decoder_layers() is model.model.layers
     assert model.get_input_embeddings() is model.model.embed_tokens
 

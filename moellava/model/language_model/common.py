@@ -20,9 +20,9 @@ core behave identically everywhere:
 * ``attention_core``: softmax(QK^T/sqrt(d) + mask) V over grouped key/value heads (causal when the mask is
   None), returning merged heads.
 * ``SwiGLUMLP``: ``down_proj(act(gate_proj(x)) * up_proj(x))`` (Llama/Mistral/StableLM names).
-* ``GroupedQueryAttention`` + ``RMSNormDecoderLayer``: the Llama/Mistral attention (``q_proj`` .. ``o_proj``,
-  rotary, grouped key/value heads, cache) and pre-norm block (``input_layernorm``, ``self_attn``,
-  ``post_attention_layernorm``, ``mlp``).
+* ``GroupedQueryAttention`` + ``RMSNormDecoderLayer``: the Llama/Mistral/StableLM attention (``q_proj`` ..
+  ``o_proj``, rotary, grouped key/value heads, cache) and the Llama/Mistral pre-norm block
+  (``input_layernorm``, ``self_attn``, ``post_attention_layernorm``, ``mlp``).
 * ``decoder_layer_outputs``: the ``(hidden_states, [attentions], [present])`` tuple a decoder layer returns.
 * ``init_linear_and_embedding``: the normal(0, initializer_range) init every family starts from.
 * ``decoder_inputs`` + ``run_decoder_stack``: the inner model's forward around what each family adds
@@ -348,17 +348,23 @@ class SwiGLUMLP(nn.Module):
 
 class GroupedQueryAttention(nn.Module):
     """Llama-style attention: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``; rotary queries and keys;
-    ``num_key_value_heads`` key/value heads, each shared by ``num_heads / num_key_value_heads`` query heads."""
+    ``num_key_value_heads`` key/value heads, each shared by ``num_heads / num_key_value_heads`` query heads.
+    ``bias`` is that of the q/k/v projections, ``output_bias`` that of ``o_proj`` (default: ``bias``); a
+    family that normalises queries and keys per head overrides ``normalize_query_key``."""
 
     def __init__(self, hidden_size: int, num_heads: int, num_key_value_heads: int, head_dim: int,
-                 attention_dropout: float = 0.0, bias: bool = False):
+                 attention_dropout: float = 0.0, bias: bool = False, output_bias: Optional[bool] = None):
         super().__init__()
         self.num_heads, self.num_key_value_heads, self.head_dim = num_heads, num_key_value_heads, head_dim
         self.attention_dropout = attention_dropout
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden_size, num_key_value_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden_size, num_key_value_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias if output_bias is None else output_bias)
+
+    def normalize_query_key(self, query: torch.Tensor, key: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys ``[batch, heads, seq, head_dim]`` before the rotary embedding: unchanged here."""
+        return query, key
 
     def forward(
         self,
@@ -373,6 +379,7 @@ class GroupedQueryAttention(nn.Module):
         query = self.q_proj(hidden_states).view(batch, q_len, self.num_heads, self.head_dim).transpose(1, 2)
         key = self.k_proj(hidden_states).view(batch, q_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch, q_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        query, key = self.normalize_query_key(query, key)
 
         query, key = apply_rotary_pos_emb(query, key, *rotary_pos_emb)
         key, value, present = update_kv_cache(key, value, past_key_value, use_cache)
