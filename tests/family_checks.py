@@ -33,6 +33,16 @@ def llama_layout_keys(num_layers):
     return keys | {f"model.layers.{i}.{name}" for i in range(num_layers) for name in LLAMA_LAYER_KEYS}
 
 
+def randomize_parameters(model, seed=0, scale=0.15):
+    """Every parameter of `model` random, norms around 1 (so each matters to a parity check); returns it in eval."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator) * scale
+            param.copy_(1.0 + noise if "norm" in name else noise)
+    return model.eval()
+
+
 def write_official_folder(folder, config_dict, state):
     """An official-layout model folder: `config_dict` as config.json and `state` as model.safetensors."""
     folder.mkdir(parents=True, exist_ok=True)

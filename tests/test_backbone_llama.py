@@ -51,12 +51,7 @@ def reference_model(seed=0, **overrides):
     """transformers 4.31's LlamaForCausalLM with every parameter random (norms around 1)."""
     config = transformers.LlamaConfig(**{k: v for k, v in dict(TINY, **overrides).items() if k != "architectures"})
     model = transformers.LlamaForCausalLM(config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator) * 0.15
-            param.copy_(1.0 + noise if "norm" in name else noise)
-    return model.eval()
+    return family_checks.randomize_parameters(model, seed)
 
 
 def ours_from(reference, tmp_path):

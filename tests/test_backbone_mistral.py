@@ -70,12 +70,7 @@ def official_state_dict(config_dict, seed=0):
 
 def tiny_model(seed=0, **overrides):
     model = MistralForCausalLM(MistralConfig(**dict(TINY, **overrides)))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator) * 0.15
-            param.copy_(1.0 + noise if "norm" in name else noise)
-    return model.eval()
+    return family_checks.randomize_parameters(model, seed)
 
 
 def random_ids(shape, seed=1):
