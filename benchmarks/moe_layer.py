@@ -11,7 +11,8 @@ Ratios are against `dense` and against `floor`.
 * Time: one process per token count builds the layers and times them round-robin, so a change in machine
   load hits all alike; the median of the passes. `--cpu-time` (the default on CPU) pins torch to one thread
   and measures CPU seconds of the process, which other processes on the cores barely disturb.
-* Memory: one fresh process per (layer, token count), so peaks do not mix.
+* Memory: one fresh process per (layer, token count), so peaks do not mix; and, exactly, the activations a
+  forward saves for backward.
 
     python benchmarks/moe_layer.py                 # 1k, 4k, 16k tokens, hidden 512, 4 experts, top-2
     python benchmarks/moe_layer.py --quick         # small setting, a few minutes on 2 CPU cores
@@ -119,8 +120,30 @@ def make_step(layer, num_tokens: int, args):
     return step
 
 
+def saved_mib(layer, num_tokens: int, args) -> float:
+    """MiB of activations one forward saves for backward (distinct storages, parameters excluded): exact and
+    independent of the allocator, unlike a peak."""
+    dtype = getattr(torch, DTYPES[args.dtype])
+    x = torch.randn(num_tokens, args.hidden).to(args.device, dtype).requires_grad_(True)
+    parameters = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    seen, total = set(), 0
+
+    def pack(tensor):
+        nonlocal total
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters | seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        layer(x)
+    return total / 2**20
+
+
 def time_worker(num_tokens: int, args) -> dict:
-    """Median forward+backward seconds of each layer, timed round-robin; and each MoE layer's drop rate."""
+    """Median forward+backward seconds of each layer, timed round-robin; each MoE layer's drop rate and the
+    activations each layer saves for backward."""
     init_single_process_group(args.device)
     layers = {config: build_layer(config, args) for config in CONFIGS}
     steps = {config: make_step(layer, num_tokens, args) for config, layer in layers.items()}
@@ -129,6 +152,7 @@ def time_worker(num_tokens: int, args) -> dict:
         config: {
             "ms": 1000 * seconds[config],
             "dropped": float(layers[config].last_dropped_fraction) if config in ("native", "deepspeed") else 0.0,
+            "saved": saved_mib(layers[config], num_tokens, args),
         }
         for config in CONFIGS
     }
@@ -166,10 +190,10 @@ def main(argv=None) -> None:
           f"token); floor = the experts on fixed slices of {args.top_k}/{args.experts} of the tokens, no routing")
     print(f"time = median of {args.repeats} passes ({clock}), layers timed round-robin in one process after a "
           "warm-up")
-    print(f"memory = {MEMORY_NOTE[args.device]}")
+    print(f"memory = {MEMORY_NOTE[args.device]}; saved = activations one forward keeps for backward")
     print()
     header = (f"{'tokens':>7} {'layer':>10} {'ms':>10} {'x dense':>8} {'x floor':>8} {'peak MiB':>9} {'x dense':>8} "
-              f"{'x floor':>8} {'dropped':>8}")
+              f"{'x floor':>8} {'saved MiB':>9} {'x floor':>8} {'dropped':>8}")
     print(header)
     print("-" * len(header))
     script = __file__
@@ -177,14 +201,15 @@ def main(argv=None) -> None:
         timing = run_worker(script, worker_argv("time", num_tokens, args))
         peaks = {config: run_worker(script, worker_argv(config, num_tokens, args)) for config in CONFIGS}
         for config in CONFIGS:
-            ms, peak = timing[config]["ms"], peaks[config]
+            ms, peak, saved = timing[config]["ms"], peaks[config], timing[config]["saved"]
 
             def ratio(value, base):
                 return value / base if base > 0 else float("nan")
 
             print(f"{num_tokens:>7} {config:>10} {ms:>10.2f} {ratio(ms, timing['dense']['ms']):>8.2f} "
                   f"{ratio(ms, timing['floor']['ms']):>8.2f} {peak:>9.1f} {ratio(peak, peaks['dense']):>8.2f} "
-                  f"{ratio(peak, peaks['floor']):>8.2f} {timing[config]['dropped']:>8.1%}")
+                  f"{ratio(peak, peaks['floor']):>8.2f} {saved:>9.1f} {ratio(saved, timing['floor']['saved']):>8.2f} "
+                  f"{timing[config]['dropped']:>8.1%}")
 
 
 if __name__ == "__main__":

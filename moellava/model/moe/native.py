@@ -96,7 +96,7 @@ class _GateCombine(torch.autograd.Function):
 
     Only the inputs are saved for backward (the routes in the model dtype, the fp32 gate): in bf16, writing
     it as `(routes.float() * gate).sum(1)` would keep an fp32 copy of every routed expert output alive until
-    backward. The fp32 temporaries here are one token-choice column at a time and freed at once.
+    backward. The fp32 temporaries here, forward and backward, are one token-choice column at a time.
     """
 
     @staticmethod
@@ -113,7 +113,9 @@ class _GateCombine(torch.autograd.Function):
         grad = grad.float()
         grad_routes = grad_gate = None
         if ctx.needs_input_grad[0]:
-            grad_routes = (grad[:, None, :] * gate[:, :, None]).to(routes.dtype)
+            grad_routes = torch.empty_like(routes)
+            for j in range(routes.shape[1]):
+                grad_routes[:, j] = grad * gate[:, j : j + 1]
         if ctx.needs_input_grad[1]:
             grad_gate = torch.stack([(routes[:, j].float() * grad).sum(-1) for j in range(routes.shape[1])], dim=1)
         return grad_routes, grad_gate
