@@ -196,5 +196,4 @@ def test_a_stage1_output_is_not_taken_for_a_model(tmp_path):
 def test_auto_moe_backend_is_native_unless_experts_are_parallel(backend, deepspeed, ep_size, expected):
     from moellava.train.train import resolve_moe_backend
 
-    model_args = ModelArguments(model_name_or_path="m", moe_backend=backend, ep_size=ep_size)
-    assert resolve_moe_backend(model_args, SimpleNamespace(deepspeed=deepspeed)) == expected
+    assert resolve_moe_backend(backend, SimpleNamespace(deepspeed=deepspeed), ep_size) == expected

@@ -46,13 +46,13 @@ def setup_logging(training_args: TrainingArguments) -> None:
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
 
 
-def resolve_moe_backend(model_args: ModelArguments, training_args: TrainingArguments) -> str:
-    """`--moe_backend auto`: DeepSpeed-MoE's all-to-all only for expert parallelism (`--ep_size` > 1 under the
-    DeepSpeed engine), else the native dispatcher: every expert on every rank, no capacity padding, also under
-    the engine (which still reduces the expert gradients over the data-parallel ranks)."""
-    if model_args.moe_backend != "auto":
-        return model_args.moe_backend
-    return "deepspeed" if training_args.deepspeed and model_args.ep_size > 1 else "native"
+def resolve_moe_backend(requested: str, training_args: TrainingArguments, ep_size: int) -> str:
+    """`auto`: DeepSpeed-MoE's all-to-all only for expert parallelism (`--ep_size` > 1 under the DeepSpeed
+    engine), else the native dispatcher: every expert on every rank, no capacity padding, also under the
+    engine (which still reduces the expert gradients over the data-parallel ranks)."""
+    if requested != "auto":
+        return requested
+    return "deepspeed" if training_args.deepspeed and ep_size > 1 else "native"
 
 
 def resolve_drop_tokens(model_args: ModelArguments, saved: Optional[bool] = None) -> Optional[bool]:
@@ -101,7 +101,8 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments):
     config = model_class.config_class.from_pretrained(path, cache_dir=training_args.cache_dir)
     if already_moe:
         # The expert layout is a property of this run (processes, --ep_size), not of the checkpoint.
-        config.moe = {**config.moe, "backend": resolve_moe_backend(model_args, training_args),
+        backend = resolve_moe_backend(model_args.moe_backend, training_args, model_args.ep_size)
+        config.moe = {**config.moe, "backend": backend,
                       "ep_size": model_args.ep_size,
                       "drop_tokens": resolve_drop_tokens(model_args, config.moe.get("drop_tokens"))}
     # DeepSpeed casts the model to its precision anyway; without it the Trainer keeps fp32 master weights.
@@ -130,7 +131,7 @@ def upcycle(model, model_args: ModelArguments, training_args: TrainingArguments,
             router_aux_loss_coef=model_args.router_aux_loss_coef,
             ep_size=model_args.ep_size,
             train_modules=train_modules,
-            backend=resolve_moe_backend(model_args, training_args),
+            backend=resolve_moe_backend(model_args.moe_backend, training_args, model_args.ep_size),
             drop_tokens=resolve_drop_tokens(model_args),
         )
         model.initialize_moe_modules(settings)
