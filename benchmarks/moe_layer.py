@@ -1,28 +1,39 @@
 """Benchmark one MoE layer: forward+backward time and peak memory.
 
-Compares the `native` and `deepspeed` MoE dispatchers (same weights, same capacity semantics) against a
-dense SwiGLU FFN with k x the expert intermediate size, i.e. the same expert FLOPs per token, measured in
-the same run.
-* Time: one process per token count builds the three layers and times them round-robin, so a change in
-  machine load hits all three alike; the median of the passes is reported.
-* Memory: one fresh process per (layer, token count), so peaks do not mix.
+Compares, measured in the same run and with the same expert weights:
+* `native`: our sorted/indexed dispatcher (`MoEBlock(backend="native")`);
+* `deepspeed`: DeepSpeed-MoE's GShard dispatcher (capacity padding, all-to-all; one process here);
+* `floor`: the no-routing reference, the true floor of a routed layer: each expert runs once on a fixed
+  contiguous slice of S * k / E tokens (what perfect balance gives it), no router, no permutation, the k
+  outputs of a slice averaged;
+* `dense`: one FFN with k x the expert intermediate size, i.e. the same expert FLOPs per token.
+Ratios are against `dense` and against `floor`.
+* Time: one process per token count builds the layers and times them round-robin, so a change in machine
+  load hits all alike; the median of the passes. `--cpu-time` (the default on CPU) pins torch to one thread
+  and measures CPU seconds of the process, which other processes on the cores barely disturb.
+* Memory: one fresh process per (layer, token count), so peaks do not mix; and, exactly, the activations a
+  forward saves for backward.
 
     python benchmarks/moe_layer.py                 # 1k, 4k, 16k tokens, hidden 512, 4 experts, top-2
-    python benchmarks/moe_layer.py --quick         # small setting, under 2 minutes on 2 CPU cores
+    python benchmarks/moe_layer.py --quick         # small setting, a few minutes on 2 CPU cores
     python benchmarks/moe_layer.py --tokens 2048 --hidden 256 --repeats 3 --dropless
+    python benchmarks/moe_layer.py --device cuda --dtype bf16 --mlp gelu --hidden 2560 --intermediate 10240 \\
+        --tokens 8192 32768                        # a Phi-2-shaped MoE layer on a GPU
 """
 
 import argparse
 import json
-import os
-import resource
-import socket
-import statistics
-import subprocess
-import sys
-import time
 
-CONFIGS = ("dense", "native", "deepspeed")
+import torch
+from torch import nn
+
+from harness import (
+    MEMORY_NOTE, add_device_arguments, clock_name, device_argv, init_single_process_group, machine_line,
+    peak_memory_mib, resolve_device_arguments, round_robin, run_worker,
+)
+
+CONFIGS = ("dense", "floor", "native", "deepspeed")
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def parse_args(argv=None):
@@ -32,95 +43,116 @@ def parse_args(argv=None):
     parser.add_argument("--intermediate", type=int, default=None, help="expert FFN size (default 4 x hidden)")
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--top-k", type=int, default=2, choices=(1, 2))
+    parser.add_argument("--mlp", choices=("swiglu", "gelu"), default="swiglu",
+                        help="swiglu: Llama's gate/up/down FFN; gelu: Phi-2's fc1/gelu/fc2")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--capacity-factor", type=float, default=1.5, help="as in the MoE-LLaVA scripts")
     parser.add_argument("--dropless", action="store_true", help="no capacity limit on either backend")
     parser.add_argument("--repeats", type=int, default=5, help="timed forward+backward passes per layer")
     parser.add_argument("--quick", action="store_true", help="tokens 512 2048, hidden 256, 5 repeats")
-    parser.add_argument("--device", default=None, help="cuda when available, else cpu")
+    add_device_arguments(parser)
     parser.add_argument("--worker", choices=("time",) + CONFIGS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.tokens, args.hidden, args.repeats = [512, 2048], 256, 5
     if args.intermediate is None:
         args.intermediate = 4 * args.hidden
-    if args.device is None:
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.experts % args.top_k:
+        parser.error("--experts must be a multiple of --top-k (the floor gives each group of k experts a slice)")
+    resolve_device_arguments(args)
     return args
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def make_ffn(args, intermediate: int):
+    from moellava.model.language_model.common import SwiGLUMLP
+    from moellava.model.language_model.phi.modeling_phi import PhiConfig, PhiMLP
+
+    if args.mlp == "gelu":
+        return PhiMLP(PhiConfig(hidden_size=args.hidden, intermediate_size=intermediate, num_attention_heads=1))
+    return SwiGLUMLP(args.hidden, intermediate)
 
 
-def _max_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+class NoRoutingExperts(nn.Module):
+    """The floor: expert group g (experts g*k .. g*k+k-1) runs on the g-th contiguous slice of the tokens."""
+
+    def __init__(self, experts: nn.ModuleList, top_k: int):
+        super().__init__()
+        self.experts, self.top_k = experts, top_k
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        groups = len(self.experts) // self.top_k
+        outputs = []
+        for g, chunk in enumerate(tokens.chunk(groups)):
+            members = self.experts[g * self.top_k : (g + 1) * self.top_k]
+            outputs.append(sum(expert(chunk) for expert in members) / self.top_k)
+        return torch.cat(outputs)
 
 
 def build_layer(config: str, args):
-    import torch
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaMLP
-
     from moellava.model.moe import MoEBlock
 
     torch.manual_seed(0)
+    dtype = getattr(torch, DTYPES[args.dtype])
     if config == "dense":
-        layer = LlamaMLP(LlamaConfig(hidden_size=args.hidden, intermediate_size=args.top_k * args.intermediate))
-    else:
-        expert = LlamaMLP(LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate))
-        layer = MoEBlock(args.hidden, expert, args.experts, top_k=args.top_k, backend=config,
-                         capacity_factor=args.capacity_factor, drop_tokens=not args.dropless)
-    return layer.to(args.device)
-
-
-def init_process_group(args) -> None:
-    """The deepspeed backend needs a process group: a one-process one here."""
-    import deepspeed
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0")
-    deepspeed.init_distributed(dist_backend="nccl" if args.device == "cuda" else "gloo", verbose=False)
+        return make_ffn(args, args.top_k * args.intermediate).to(args.device, dtype)
+    backend = "deepspeed" if config == "deepspeed" else "native"
+    block = MoEBlock(args.hidden, make_ffn(args, args.intermediate), args.experts, top_k=args.top_k,
+                     backend=backend, capacity_factor=args.capacity_factor, drop_tokens=not args.dropless)
+    block = block.to(args.device, dtype)
+    if config == "floor":
+        return NoRoutingExperts(block.deepspeed_moe.experts.deepspeed_experts, args.top_k)
+    return block
 
 
 def make_step(layer, num_tokens: int, args):
     """A closure running one forward+backward (fresh gradients each time) on fixed random tokens."""
-    import torch
-
+    dtype = getattr(torch, DTYPES[args.dtype])
     generator = torch.Generator().manual_seed(1)
-    x = torch.randn(num_tokens, args.hidden, generator=generator).to(args.device).requires_grad_(True)
-    grad = torch.randn(num_tokens, args.hidden, generator=generator).to(args.device)
+    x = torch.randn(num_tokens, args.hidden, generator=generator).to(args.device, dtype).requires_grad_(True)
+    grad = torch.randn(num_tokens, args.hidden, generator=generator).to(args.device, dtype)
 
     def step():
-        layer.zero_grad(set_to_none=True)
+        for param in layer.parameters():
+            param.grad = None
         x.grad = None
         layer(x).backward(grad)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
 
     return step
 
 
+def saved_mib(layer, num_tokens: int, args) -> float:
+    """MiB of activations one forward saves for backward (distinct storages, parameters excluded): exact and
+    independent of the allocator, unlike a peak."""
+    dtype = getattr(torch, DTYPES[args.dtype])
+    x = torch.randn(num_tokens, args.hidden).to(args.device, dtype).requires_grad_(True)
+    parameters = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    seen, total = set(), 0
+
+    def pack(tensor):
+        nonlocal total
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters | seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        layer(x)
+    return total / 2**20
+
+
 def time_worker(num_tokens: int, args) -> dict:
-    """Median forward+backward seconds of each layer, timed round-robin; and each MoE layer's drop rate."""
-    init_process_group(args)
+    """Median forward+backward seconds of each layer, timed round-robin; each MoE layer's drop rate and the
+    activations each layer saves for backward."""
+    init_single_process_group(args.device)
     layers = {config: build_layer(config, args) for config in CONFIGS}
     steps = {config: make_step(layer, num_tokens, args) for config, layer in layers.items()}
-    for step in steps.values():
-        step()  # warm-up: allocator, kernel selection
-    times = {config: [] for config in CONFIGS}
-    for _ in range(args.repeats):
-        for config, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[config].append(time.perf_counter() - start)
+    seconds = round_robin(steps, args.repeats, args.device, args.cpu_time)
     return {
         config: {
-            "ms": 1000 * statistics.median(times[config]),
-            "dropped": float(layers[config].last_dropped_fraction) if config != "dense" else 0.0,
+            "ms": 1000 * seconds[config],
+            "dropped": float(layers[config].last_dropped_fraction) if config in ("native", "deepspeed") else 0.0,
+            "saved": saved_mib(layers[config], num_tokens, args),
         }
         for config in CONFIGS
     }
@@ -128,35 +160,17 @@ def time_worker(num_tokens: int, args) -> dict:
 
 def memory_worker(config: str, num_tokens: int, args) -> float:
     """Peak memory (MiB) of one forward+backward above what the layer and its inputs already hold."""
-    import torch
-
     if config == "deepspeed":
-        init_process_group(args)
-    step = make_step(build_layer(config, args), num_tokens, args)
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    base = _max_rss_mib()
-    step()
-    return _max_rss_mib() - base
+        init_single_process_group(args.device)
+    return peak_memory_mib(make_step(build_layer(config, args), num_tokens, args), args.device)
 
 
-def run_subprocess(worker: str, num_tokens: int, args):
-    command = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--tokens", str(num_tokens),
-               "--hidden", str(args.hidden), "--intermediate", str(args.intermediate), "--experts",
-               str(args.experts), "--top-k", str(args.top_k), "--capacity-factor", str(args.capacity_factor),
-               "--repeats", str(args.repeats), "--device", args.device]
-    if args.dropless:
-        command.append("--dropless")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=repo)
-    if done.returncode != 0:
-        raise RuntimeError(f"worker {worker} at {num_tokens} tokens failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def worker_argv(worker: str, num_tokens: int, args):
+    argv = ["--worker", worker, "--tokens", str(num_tokens), "--hidden", str(args.hidden), "--intermediate",
+            str(args.intermediate), "--experts", str(args.experts), "--top-k", str(args.top_k), "--mlp", args.mlp,
+            "--dtype", args.dtype, "--capacity-factor", str(args.capacity_factor), "--repeats", str(args.repeats),
+            *device_argv(args)]
+    return argv + (["--dropless"] if args.dropless else [])
 
 
 def main(argv=None) -> None:
@@ -167,31 +181,35 @@ def main(argv=None) -> None:
     if args.worker:
         print(json.dumps(memory_worker(args.worker, args.tokens[0], args)))
         return
-    import torch
-
-    memory = ("peak CUDA memory allocated by one pass, above what the layer and inputs already held"
-              if args.device == "cuda" else
-              "growth of the process's max RSS (getrusage) over one pass, from its value after setup, one "
-              "fresh process per row (a lower bound if setup peaked higher)")
     capacity = "dropless" if args.dropless else f"capacity factor {args.capacity_factor} (tokens dropped past it)"
-    print(f"MoE layer forward+backward, {args.device} ({torch.get_num_threads()} threads), torch {torch.__version__}")
-    print(f"hidden {args.hidden}, {args.experts} SwiGLU experts of intermediate {args.intermediate}, "
-          f"top-{args.top_k}, {capacity}")
-    print(f"dense = one SwiGLU of intermediate {args.top_k} x {args.intermediate} (same expert FLOPs per token)")
-    print(f"time = median of {args.repeats} passes, layers timed round-robin in one process after a warm-up")
-    print(f"memory = {memory}")
+    clock = clock_name(args)
+    print(f"MoE layer forward+backward, {machine_line(args.device)}")
+    print(f"hidden {args.hidden}, {args.experts} {args.mlp} experts of intermediate {args.intermediate}, "
+          f"top-{args.top_k}, {args.dtype}, {capacity}")
+    print(f"dense = one {args.mlp} FFN of intermediate {args.top_k} x {args.intermediate} (same expert FLOPs per "
+          f"token); floor = the experts on fixed slices of {args.top_k}/{args.experts} of the tokens, no routing")
+    print(f"time = median of {args.repeats} passes ({clock}), layers timed round-robin in one process after a "
+          "warm-up")
+    print(f"memory = {MEMORY_NOTE[args.device]}; saved = activations one forward keeps for backward")
     print()
-    header = f"{'tokens':>7} {'layer':>10} {'ms':>10} {'x dense':>8} {'peak MiB':>9} {'x dense':>8} {'dropped':>8}"
+    header = (f"{'tokens':>7} {'layer':>10} {'ms':>10} {'x dense':>8} {'x floor':>8} {'peak MiB':>9} {'x dense':>8} "
+              f"{'x floor':>8} {'saved MiB':>9} {'x floor':>8} {'dropped':>8}")
     print(header)
     print("-" * len(header))
+    script = __file__
     for num_tokens in args.tokens:
-        timing = run_subprocess("time", num_tokens, args)
-        peaks = {config: run_subprocess(config, num_tokens, args) for config in CONFIGS}
+        timing = run_worker(script, worker_argv("time", num_tokens, args))
+        peaks = {config: run_worker(script, worker_argv(config, num_tokens, args)) for config in CONFIGS}
         for config in CONFIGS:
-            ms, peak = timing[config]["ms"], peaks[config]
-            mem_ratio = peak / peaks["dense"] if peaks["dense"] > 0 else float("nan")
-            print(f"{num_tokens:>7} {config:>10} {ms:>10.2f} {ms / timing['dense']['ms']:>8.2f} "
-                  f"{peak:>9.1f} {mem_ratio:>8.2f} {timing[config]['dropped']:>8.1%}")
+            ms, peak, saved = timing[config]["ms"], peaks[config], timing[config]["saved"]
+
+            def ratio(value, base):
+                return value / base if base > 0 else float("nan")
+
+            print(f"{num_tokens:>7} {config:>10} {ms:>10.2f} {ratio(ms, timing['dense']['ms']):>8.2f} "
+                  f"{ratio(ms, timing['floor']['ms']):>8.2f} {peak:>9.1f} {ratio(peak, peaks['dense']):>8.2f} "
+                  f"{ratio(peak, peaks['floor']):>8.2f} {saved:>9.1f} {ratio(saved, timing['floor']['saved']):>8.2f} "
+                  f"{timing[config]['dropped']:>8.1%}")
 
 
 if __name__ == "__main__":

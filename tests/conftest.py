@@ -46,6 +46,16 @@ _REAL_FOLDERS = {
 }
 
 
+def write_real_tokenizer_folder(name: str, folder: Path, data_dir: Path = SHARED_DATA) -> Path:
+    """An official-layout tokenizer folder for "qwen" | "llama2" | "arcade100k" in `folder`: the vocabulary
+    file of `data_dir` (symlinked) and the official tokenizer_config.json. Also used by benchmarks/."""
+    source_name, target_name, config = _REAL_FOLDERS[name]
+    folder.mkdir(parents=True, exist_ok=True)
+    os.symlink(Path(data_dir, source_name).resolve(), folder / target_name)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
 def shared_data_file(name: str) -> Path:
     """Path of a file or folder in ../shared/data; skips the calling test when it is absent."""
     path = SHARED_DATA / name
@@ -93,12 +103,8 @@ def real_tokenizer_dir(tmp_path_factory):
         if name == "phi2":
             return shared_data_file("phi-2")
         if name not in made:
-            source_name, target_name, config = _REAL_FOLDERS[name]
-            source = shared_data_file(source_name)
-            folder = tmp_path_factory.mktemp(f"real_tokenizer_{name}")
-            os.symlink(source, folder / target_name)
-            (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-            made[name] = folder
+            shared_data_file(_REAL_FOLDERS[name][0])  # skips when absent
+            made[name] = write_real_tokenizer_folder(name, tmp_path_factory.mktemp(f"real_tokenizer_{name}"))
         return made[name]
 
     return get

@@ -19,6 +19,30 @@ import tiny_llava
 # ----------------------------------------------------------------------------------------------- backbones
 
 
+LLAMA_LAYER_KEYS = [
+    "input_layernorm.weight", "mlp.down_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+    "post_attention_layernorm.weight", "self_attn.k_proj.weight", "self_attn.o_proj.weight",
+    "self_attn.q_proj.weight", "self_attn.v_proj.weight",
+]
+
+
+def llama_layout_keys(num_layers):
+    """Weight names of the Llama layout (Llama-2, Vicuna, Mistral: their pytorch_model.bin.index.json, less
+    4.31's rotary buffers) for `num_layers` layers."""
+    keys = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    return keys | {f"model.layers.{i}.{name}" for i in range(num_layers) for name in LLAMA_LAYER_KEYS}
+
+
+def randomize_parameters(model, seed=0, scale=0.15):
+    """Every parameter of `model` random, norms around 1 (so each matters to a parity check); returns it in eval."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator) * scale
+            param.copy_(1.0 + noise if "norm" in name else noise)
+    return model.eval()
+
+
 def write_official_folder(folder, config_dict, state):
     """An official-layout model folder: `config_dict` as config.json and `state` as model.safetensors."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -44,18 +44,6 @@ MISTRAL_7B_CONFIG = {
 TINY = dict(MISTRAL_7B_CONFIG, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
             num_hidden_layers=2, vocab_size=128, max_position_embeddings=64)
 
-LAYER_KEYS = [
-    "input_layernorm.weight", "mlp.down_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
-    "post_attention_layernorm.weight", "self_attn.k_proj.weight", "self_attn.o_proj.weight",
-    "self_attn.q_proj.weight", "self_attn.v_proj.weight",
-]
-
-
-def official_keys(num_layers):
-    """Weight names of Mistral-7B-v0.1 (pytorch_model.bin.index.json) for `num_layers` layers."""
-    keys = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
-    return keys | {f"model.layers.{i}.{name}" for i in range(num_layers) for name in LAYER_KEYS}
-
 
 def official_state_dict(config_dict, seed=0):
     generator = torch.Generator().manual_seed(seed)
@@ -82,12 +70,7 @@ def official_state_dict(config_dict, seed=0):
 
 def tiny_model(seed=0, **overrides):
     model = MistralForCausalLM(MistralConfig(**dict(TINY, **overrides)))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator) * 0.15
-            param.copy_(1.0 + noise if "norm" in name else noise)
-    return model.eval()
+    return family_checks.randomize_parameters(model, seed)
 
 
 def random_ids(shape, seed=1):
@@ -117,7 +100,7 @@ def test_embedded_config_and_keys_equal_the_official_files():
         pytest.skip(f"{OFFICIAL} is not available (../shared/reference beside the repository)")
     assert json.loads((OFFICIAL / "config.json").read_text()) == MISTRAL_7B_CONFIG
     index = json.loads((OFFICIAL / "pytorch_model.bin.index.json").read_text())
-    assert set(index["weight_map"]) == official_keys(MISTRAL_7B_CONFIG["num_hidden_layers"])
+    assert set(index["weight_map"]) == family_checks.llama_layout_keys(MISTRAL_7B_CONFIG["num_hidden_layers"])
 
 
 def test_official_config_loads_unchanged(tmp_path):
@@ -145,7 +128,7 @@ def test_bad_config_fields_are_refused_by_name(fields, message):
 
 def test_state_dict_keys_are_the_official_names():
     model = MistralForCausalLM(MistralConfig(**TINY))
-    assert set(model.state_dict()) == official_keys(TINY["num_hidden_layers"])
+    assert set(model.state_dict()) == family_checks.llama_layout_keys(TINY["num_hidden_layers"])
     assert model.get_decoder_layers() is model.model.layers
     assert model.get_input_embeddings() is model.model.embed_tokens
 

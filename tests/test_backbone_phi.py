@@ -358,6 +358,22 @@ def test_half_precision_forward_is_close_to_fp32(checkpoint, model, dtype, toler
     assert (low - reference).abs().max().item() < tolerance * reference.abs().max().item()
 
 
+def test_attention_runs_in_the_model_dtype_unless_the_config_asks_for_fp32(model):
+    assert model.config.upcast_attention is False
+    assert not any(layer.self_attn.upcast_attention for layer in model.get_decoder_layers())
+    upcast = PhiForCausalLM(PhiConfig.from_dict({**model.config.to_dict(), "upcast_attention": True})).eval()
+    upcast.load_state_dict(model.state_dict())
+    assert all(layer.self_attn.upcast_attention for layer in upcast.get_decoder_layers())
+    x = inputs(length=12)
+    with torch.no_grad():
+        # In fp32 the two are the same computation; in bf16 both stay close to it.
+        torch.testing.assert_close(upcast(x).logits, model(x).logits, rtol=0, atol=0)
+        reference = model(x).logits
+        for fp32_attention in (False, True):
+            low = copy.deepcopy(upcast if fp32_attention else model).to(torch.bfloat16)
+            assert (low(x).logits - reference).abs().max() < 0.03 * reference.abs().max()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Contract with the MoE conversion and the LLaVA wrappers
 

@@ -19,6 +19,7 @@ from moellava.model.language_model.common import (
     SwiGLUMLP,
     apply_rotary_pos_emb,
     attention_core,
+    attention_mask_if_needed,
     build_attention_mask,
     causal_lm_loss,
     dynamic_ntk_alpha,
@@ -540,6 +541,41 @@ def test_fully_masked_rows_stay_finite_and_sdpa_equals_explicit_attention():
     assert torch.allclose(weights, scores.softmax(-1), atol=1e-6)
     half, _ = attention_core(q.half() * 300, k.half() * 300, v.half(), mask.half(), upcast=True)
     assert half.dtype == torch.float16 and torch.isfinite(half).all()
+
+
+def test_a_mask_is_built_only_where_plain_causal_attention_differs():
+    cpu, f32 = torch.device("cpu"), torch.float32
+    ones = torch.ones(2, 5)
+    right, left = torch.tensor([[1, 1, 1, 0, 0], [1] * 5]), torch.tensor([[0, 0, 1, 1, 1], [1] * 5])
+    # Flash-eligible (None): no padding, right padding in a whole-sequence pass, a single decoding step.
+    assert attention_mask_if_needed(None, 2, 5, 0, f32, cpu) is None
+    assert attention_mask_if_needed(ones, 2, 5, 0, f32, cpu) is None
+    assert attention_mask_if_needed(right, 2, 5, 0, f32, cpu) is None
+    assert attention_mask_if_needed(ones, 2, 1, 4, f32, cpu) is None
+    assert attention_mask_if_needed(None, 1, 4, 0, f32, cpu, sliding_window=4) is None  # the window covers all
+    # A mask: left padding, padding in the cache, a chunk after cached tokens, a window that acts.
+    needed = [(left, 2, 5, 0, None), (right, 2, 1, 4, None), (ones, 2, 2, 3, None), (None, 1, 5, 0, 4)]
+    for mask, batch, new, past, window in needed:
+        built = attention_mask_if_needed(mask, batch, new, past, f32, cpu, sliding_window=window)
+        expected = build_attention_mask(mask, batch, new, past, f32, cpu, sliding_window=window)
+        torch.testing.assert_close(built, expected)
+    with pytest.raises(ValueError, match=r"\[batch, past \+ new tokens\] = \[2, 6\]"):
+        attention_mask_if_needed(ones, 2, 1, 5, f32, cpu)
+
+
+def test_no_mask_means_causal_and_equals_the_explicit_mask_on_real_tokens():
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    right = torch.tensor([[1, 1, 1, 0, 0], [1] * 5])
+    explicit, _ = attention_core(q, k, v, build_attention_mask(right, 2, 5, 0, torch.float32, torch.device("cpu")))
+    causal, none = attention_core(q, k, v, None)
+    weights = attention_core(q, k, v, None, output_attentions=True)[1]
+    assert none is None and torch.all(weights.triu(1) == 0)
+    real = right.bool()
+    torch.testing.assert_close(causal[real], explicit[real], rtol=0, atol=1e-6)
+    step, _ = attention_core(q[:, :, -1:], k, v, None)  # one query sees every key
+    torch.testing.assert_close(step, causal[:, -1:], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="as many queries as keys"):
+        attention_core(q[:, :, 3:], k, v, None)
 
 
 def test_repeat_kv_matches_repeat_interleave():

@@ -244,6 +244,47 @@ def test_router_gets_aux_loss_gradient_under_checkpointing(backend, use_reentran
     torch.testing.assert_close(grads["aux"][1] - grads["plain"][1], coef * d_x, atol=1e-7, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_combine_accumulates_in_fp32_like_the_formula(dtype):
+    """The gate-weighted sum of each token's routed expert outputs and its gradients equal
+    `(routes.float() * gate).sum(1)` computed by autograd."""
+    from moellava.model.moe.native import _GateCombine
+
+    generator = torch.Generator().manual_seed(3)
+    routes = torch.randn(40, 2, HIDDEN, generator=generator).to(dtype).requires_grad_(True)
+    gate = torch.rand(40, 2, generator=generator).requires_grad_(True)
+    grad = torch.randn(40, HIDDEN, generator=generator).to(dtype)
+    combined = _GateCombine.apply(routes, gate)
+    combined.backward(grad)
+    grads = routes.grad.clone(), gate.grad.clone()
+    routes.grad = gate.grad = None
+    reference = (routes.float() * gate.unsqueeze(-1)).sum(1).to(dtype)
+    reference.backward(grad)
+    assert combined.dtype == dtype
+    torch.testing.assert_close(combined, reference, rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], routes.grad, rtol=0, atol=0)
+    torch.testing.assert_close(grads[1], gate.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_native_layer_saves_no_fp32_copy_of_the_routed_outputs():
+    block = MoEBlock(HIDDEN, swiglu(), 4, top_k=2, backend="native")
+    diversify(block)
+    block.to(torch.bfloat16)
+    x = tokens((4, 16)).to(torch.bfloat16).requires_grad_(True)
+    saved = []
+
+    def record(tensor):
+        saved.append((tensor.dtype, tensor.numel()))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(record, lambda tensor: tensor):
+        block(x).float().sum().backward()
+    routed_size = 4 * 16 * 2 * HIDDEN  # tokens x top-k x hidden
+    assert (torch.bfloat16, routed_size) in saved  # the routes themselves, in bf16
+    assert not [n for dtype, n in saved if dtype == torch.float32 and n >= routed_size]
+    assert x.grad is not None and block.deepspeed_moe.gate.wg.weight.grad is not None
+
+
 def test_state_dict_moves_between_backends(ds_group):
     settings = dict(use_residual=True, capacity_factor=4.0)
     native = MoEBlock(HIDDEN, swiglu(), 4, backend="native", **settings)

@@ -4,6 +4,8 @@ For generated conversations (multi-turn, unicode, digits, newlines, answers cont
 separators and role names, empty answers, with and without images) the unmasked labels are exactly each
 answer plus its end-of-turn token: the spans decode to the answers, the text before each span decodes to
 the instruction text before the answer, and no whitespace-only instruction token leaks into a span.
+They are also exactly the labels of the definition, computed here the slow way (`whole_prefix_labels`):
+the linear-time engine re-tokenizes only the text after the last special token before a boundary.
 """
 
 import pytest
@@ -13,7 +15,15 @@ from hypothesis import strategies as st
 from moellava import conversation as conversation_lib
 from moellava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from moellava.mm_utils import tokenizer_image_token
-from moellava.train.preprocess import LabelAlignmentError, _comparable, _decode_span, find_trained_spans, preprocess
+from moellava.train.preprocess import (
+    LabelAlignmentError,
+    PrefixTokenizer,
+    _comparable,
+    _decode_span,
+    find_trained_spans,
+    preprocess,
+    tokenize_pieces,
+)
 
 WORDS = ["the", "cat", "is", "black", "Answer", "image", "shows", "two", "dogs", "ASSISTANT", "USER"]
 SNIPPETS = [
@@ -51,6 +61,32 @@ def rendered_pieces(source):
     for i, turn in enumerate(source):
         conv.append_message(conv.roles[i % 2], turn["value"])
     return conv.render()
+
+
+def common_prefix_len(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def whole_prefix_labels(pieces, tokenizer, has_image):
+    """`(input_ids, labels)` by the definition (DESIGN decision 1): each answer boundary is the longest common
+    prefix of the prompt's ids and the ids of the whole text before it. Quadratic in the number of rounds;
+    the oracle for the linear-time engine, and the `prefix` baseline of benchmarks/preprocess.py."""
+    def tokenize(text):
+        return tokenizer_image_token(text, tokenizer) if has_image else tokenizer(text).input_ids
+
+    text = "".join(piece for piece, _ in pieces)
+    ids = tokenize(text)
+    labels, position = [IGNORE_INDEX] * len(ids), 0
+    for piece, is_answer in pieces:
+        piece_start, position = position, position + len(piece)
+        if is_answer:
+            start = common_prefix_len(tokenize(text[:piece_start]), ids)
+            end = common_prefix_len(tokenize(text[:position]), ids)
+            labels[start:end] = [IGNORE_INDEX if i == IMAGE_TOKEN_INDEX else i for i in ids[start:end]]
+    return ids, labels
 
 
 def round_trips(tokenizer, text, has_image):
@@ -128,7 +164,9 @@ def check_generated(tokenizer, data):
         assert error.kind == "mismatch"
         assert not round_trips(tokenizer, "".join(piece for piece, _ in pieces), with_images), error
         return
-    assert_exact_labels(tokenizer, pieces, out["input_ids"][0].tolist(), out["labels"][0].tolist(), with_images)
+    ids, labels = out["input_ids"][0].tolist(), out["labels"][0].tolist()
+    assert_exact_labels(tokenizer, pieces, ids, labels, with_images)
+    assert (ids, labels) == whole_prefix_labels(pieces, tokenizer, with_images)
 
 
 @pytest.mark.parametrize("family,version", FAMILY_TEMPLATES)
@@ -149,3 +187,84 @@ def test_generated_conversations_real_vocabularies(request, template, vocab, ver
     tokenizer = request.getfixturevalue(f"real_{vocab}_tokenizer")
     template(version)
     check_generated(tokenizer, data)
+
+
+# ----------------------------------------------------------------------------------------------- linear time
+
+
+class CountingTokenizer:
+    """Delegates to a tokenizer and counts the characters it is asked to tokenize."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer, self.characters = tokenizer, 0
+
+    def __call__(self, text, *args, **kwargs):
+        self.characters += len(text)
+        return self._tokenizer(text, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+def long_conversation(rounds):
+    turns = []
+    for r in range(rounds):
+        question = ("<image>\n" if r == 0 else "") + f"What is shown in part {r} of the picture, and why?"
+        turns += [{"from": "human", "value": question},
+                  {"from": "gpt", "value": f"Part {r} shows two black cats sitting on a red mat.\nThey rest."}]
+    return turns
+
+
+@pytest.mark.parametrize("vocab,version", REAL_TEMPLATES)
+def test_labelling_tokenizes_each_round_a_bounded_number_of_times(request, template, vocab, version):
+    tokenizer = CountingTokenizer(request.getfixturevalue(f"real_{vocab}_tokenizer"))
+    template(version)
+    pieces = rendered_pieces(long_conversation(20))
+    text = "".join(piece for piece, _ in pieces)
+    ids, labels = tokenize_pieces(pieces, tokenizer, has_image=True)
+    # One tokenization of the prompt plus, per answer, the round before it: well under 2x the text, where
+    # tokenizing the whole text before every boundary would take about 20x.
+    assert tokenizer.characters < 2 * len(text)
+    assert (ids, labels) == whole_prefix_labels(pieces, tokenizer, True)
+    assert len(PrefixTokenizer(text, ids, tokenizer, True).specials) >= 20
+
+
+def test_special_tokens_the_tokenizer_does_not_treat_as_special_fall_back_to_whole_prefixes(toy_tokenizer_dir):
+    from transformers import LlamaTokenizer
+
+    # Built from tokenizer.model alone, transformers 4.31's Llama tokenizer splits "</s>" written in the text
+    # into ordinary pieces: no special token to restart from, so every prefix is tokenized whole.
+    tokenizer = LlamaTokenizer(vocab_file=str(toy_tokenizer_dir("llama") / "tokenizer.model"))
+    conversation_lib.set_default_conversation("v1")
+    pieces = rendered_pieces(long_conversation(3))
+    text = "".join(piece for piece, _ in pieces)
+    ids, labels = tokenize_pieces(pieces, tokenizer, has_image=True)
+    assert "</s>" in text and PrefixTokenizer(text, ids, tokenizer, True).specials == []
+    assert (ids, labels) == whole_prefix_labels(pieces, tokenizer, True)
+    assert len(find_trained_spans(labels)) == 3
+
+
+@pytest.mark.parametrize("vocab,version", REAL_TEMPLATES)
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_prefix_lengths_equal_whole_prefix_tokenization(request, template, vocab, version, data):
+    """At every piece boundary, the engine's common prefix (and whether it is clean) is that of the whole
+    text before the boundary, for generated conversations full of special tokens, images and unicode."""
+    tokenizer = request.getfixturevalue(f"real_{vocab}_tokenizer")
+    template(version)
+    with_images = data.draw(st.booleans())
+    pieces = rendered_pieces(data.draw(conversations(with_images)))
+    text = "".join(piece for piece, _ in pieces)
+
+    def tokenize(prefix):
+        return tokenizer_image_token(prefix, tokenizer) if with_images else tokenizer(prefix).input_ids
+
+    ids = tokenize(text)
+    prefixes = PrefixTokenizer(text, ids, tokenizer, with_images)
+    assert prefixes.specials  # every text holds the template's end token
+    boundary = 0
+    for piece, _ in pieces:
+        boundary += len(piece)
+        whole = tokenize(text[:boundary])
+        length = common_prefix_len(whole, ids)
+        assert prefixes.common_prefix(boundary) == (length, length == len(whole))

@@ -1,6 +1,7 @@
 """Stage 3 with two processes through `scripts/train_stage3.sh` on CPU (gloo): with the `deepspeed` launcher and
 expert parallelism (ep_size=2: each rank holds 2 of the 4 experts), whose checkpoint, written by rank 0, must
-hold all experts under their global indices and load in one process; and with `torchrun` and plain DDP."""
+hold all experts under their global indices and load in one process; with the `deepspeed` launcher at
+ep_size 1 (the native dispatcher under the DeepSpeed engine); and with `torchrun` and plain DDP."""
 
 import glob
 import json
@@ -133,3 +134,26 @@ def test_torchrun_with_ddp_trains_the_native_moe(inputs):
     dense = load_file(os.path.join(inputs["stage2"], "model.safetensors"))
     assert not torch.equal(weights[EXPERT.format(layer=0, expert=0, name="up_proj.weight")],
                            dense["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_deepspeed_engine_without_expert_parallelism_trains_the_native_moe(inputs):
+    """Two ranks under the DeepSpeed engine at ep_size 1: `--moe_backend auto` takes the native dispatcher
+    (every expert on every rank, no capacity padding); DeepSpeed still reduces the expert gradients."""
+    out, log = run_stage3(inputs, "stage3_ds_native", {"EP_SIZE": "1"})
+    assert "--num_gpus 2" in log and "dist_world_size=2" in log and "--ep_size 1" in log
+    assert "MoE (native backend): layers [0, 2], experts [4, 4]" in log
+    with open(os.path.join(out, "trainer_state.json")) as f:
+        history = [entry for entry in json.load(f)["log_history"] if "loss" in entry]
+    assert len(history) == STEPS and all("aux_loss_moe_layer_1" in entry for entry in history)
+    weights = load_file(os.path.join(out, "model.safetensors"))
+    dense = load_file(os.path.join(inputs["stage2"], "model.safetensors"))
+    # The engine took the native block's experts for MoE parameters (reduced over the expert-data-parallel
+    # group, saved in DeepSpeed's per-expert files), and every expert trained.
+    ds_dir = os.path.join(out, f"checkpoint-{STEPS}", f"global_step{STEPS}")
+    for moe_layer, layer in enumerate((0, 2)):
+        for expert in range(4):
+            key = EXPERT.format(layer=layer, expert=expert, name="up_proj.weight")
+            saved = torch.load(os.path.join(ds_dir, f"layer_{moe_layer}_expert_{expert}_mp_rank_00_model_states.pt"),
+                               map_location="cpu", weights_only=False)
+            assert torch.equal(saved[key], weights[key])
+            assert not torch.equal(weights[key], dense[f"model.layers.{layer}.mlp.up_proj.weight"])

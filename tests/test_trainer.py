@@ -184,3 +184,16 @@ def test_a_stage1_output_is_not_taken_for_a_model(tmp_path):
     with pytest.raises(ValueError, match=r"is a Stage-1 output \(only mm_projector.bin\): pass the base LLM"):
         train(["--model_name_or_path", str(tmp_path), "--data_path", "d.json", "--output_dir", str(tmp_path / "o"),
                "--report_to", "none"])
+
+
+@pytest.mark.parametrize("backend, deepspeed, ep_size, expected", [
+    ("auto", None, 1, "native"),                 # one device, or torchrun + DDP
+    ("auto", "scripts/zero2.json", 1, "native"),  # the DeepSpeed engine without expert parallelism
+    ("auto", "scripts/zero2.json", 2, "deepspeed"),  # expert parallelism needs DeepSpeed's all-to-all
+    ("deepspeed", "scripts/zero2.json", 1, "deepspeed"),
+    ("native", "scripts/zero2.json", 1, "native"),
+])
+def test_auto_moe_backend_is_native_unless_experts_are_parallel(backend, deepspeed, ep_size, expected):
+    from moellava.train.train import resolve_moe_backend
+
+    assert resolve_moe_backend(backend, SimpleNamespace(deepspeed=deepspeed), ep_size) == expected

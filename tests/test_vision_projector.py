@@ -9,10 +9,12 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+import transformers
 from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.models.clip.modeling_clip import CLIPEncoder
 
 from moellava.model.multimodal_encoder import (
+    CLIPVisionModel as OurCLIPVisionModel,
     CLIPVisionTower,
     SiglipImageProcessor,
     SiglipVisionModel,
@@ -43,11 +45,49 @@ def test_clip_select_layer_and_feature(clip_dir):
     tower = load_image_tower(clip_dir, select_layer=-2, select_feature="patch")
     assert isinstance(tower, CLIPVisionTower)
     assert tower.num_patches == 16 and tower.num_tokens == 16 and tower.hidden_size == 32
-    torch.testing.assert_close(tower(pixels), hidden[-2][:, 1:], rtol=0, atol=0)  # CLS dropped
+    # Our SDPA tower against transformers' eager CLIPVisionModel with the same weights.
+    torch.testing.assert_close(tower(pixels), hidden[-2][:, 1:], rtol=0, atol=1e-5)  # CLS dropped
 
     tower = load_image_tower(clip_dir, select_layer=1, select_feature="cls_patch")
     assert tower.num_tokens == 17
-    torch.testing.assert_close(tower(pixels), hidden[1], rtol=0, atol=0)
+    torch.testing.assert_close(tower(pixels), hidden[1], rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu"])
+def test_our_sdpa_clip_gives_transformers_clip_outputs(tmp_path, hidden_act):
+    """Our CLIPVisionModel loads a transformers CLIPVisionModel folder with nothing missing or left over, and
+    its last hidden state, pooled output and every hidden state equal transformers' (eager attention)."""
+    folder = tiny_llava.build_tiny_clip_tower(tmp_path, seed=3, hidden_act=hidden_act, num_hidden_layers=3)
+    reference = CLIPVisionModel.from_pretrained(folder).eval()
+    ours, info = OurCLIPVisionModel.from_pretrained(folder, output_loading_info=True)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and info["mismatched_keys"] == []
+    assert set(ours.state_dict()) == set(reference.state_dict())
+    pixels = tiny_llava.random_pixels(3, seed=4)
+    mine, theirs = ours.eval()(pixels, output_hidden_states=True), reference(pixels, output_hidden_states=True)
+    torch.testing.assert_close(mine.last_hidden_state, theirs.last_hidden_state, rtol=0, atol=1e-5)
+    torch.testing.assert_close(mine.pooler_output, theirs.pooler_output, rtol=0, atol=1e-5)
+    assert len(mine.hidden_states) == len(theirs.hidden_states) == 4
+    for a, b in zip(mine.hidden_states, theirs.hidden_states):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_our_clip_loads_a_full_clip_folder_ignoring_text_tower_and_projections(tmp_path):
+    """openai/clip-vit-* folders hold a whole CLIPModel (text tower, projections, logit scale) and, written by
+    older transformers, the position_ids buffer."""
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50)
+    config = transformers.CLIPConfig(vision_config=tiny_llava.TINY_TOWER, text_config=text, projection_dim=8)
+    full = transformers.CLIPModel(config).eval()
+    full.save_pretrained(tmp_path)
+    state = {k: v.contiguous() for k, v in full.state_dict().items()}
+    state["vision_model.embeddings.position_ids"] = torch.arange(17)[None]
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    ours, info = OurCLIPVisionModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    pixels = tiny_llava.random_pixels(2)
+    with torch.no_grad():
+        expected = full.vision_model(pixels).last_hidden_state
+        torch.testing.assert_close(ours.eval()(pixels).last_hidden_state, expected, rtol=0, atol=1e-5)
 
 
 def test_tower_is_frozen_and_runs_without_grad(clip_dir):

@@ -103,8 +103,8 @@ class ModelArguments:
     moe_backend: Literal["auto", "native", "deepspeed"] = field(
         default="auto",
         metadata={
-            "help": "auto: deepspeed (DeepSpeed-MoE, expert parallelism) when training under --deepspeed with "
-            "more than one process, else native (single device or DDP)."
+            "help": "auto: deepspeed (DeepSpeed-MoE's all-to-all) for expert parallelism (--ep_size > 1 under "
+            "--deepspeed), else native (every expert on every rank: one device, DDP, or DeepSpeed at ep_size 1)."
         },
     )
 

@@ -6,14 +6,21 @@ after the inference prompt "... ASSISTANT:": the separator after the role, the a
 end-of-turn string. The whole prompt is tokenized once. The token index where an answer starts (or ends) is
 the length of the longest common prefix of the ids of the whole prompt and the ids of the text before that
 point: the tokens both tokenizations agree on belong to the text before, so a merge across the boundary
-lands on the answer side. No per-tokenizer `+1/-1` arithmetic is involved, so nothing can drift. Each span is then decoded and compared with the answer text; a sample
-that does not match, or that truncation leaves without labels, raises `LabelAlignmentError` with its id and
-the reason (the dataset counts these; nothing is silently zeroed).
+lands on the answer side. No per-tokenizer `+1/-1` arithmetic is involved, so nothing can drift.
+The ids of the text before a boundary are not recomputed from the start of the prompt: tokenizers restart
+at every special token written in the text (the end token that closes each answer), so they are the
+prompt's own ids up to the last special token, then that round's text re-tokenized (`PrefixTokenizer`):
+linear in the length of the conversation. A span whose boundaries are not clean token boundaries, or that
+holds an unknown token, is decoded and compared with the answer text; a sample that does not match, or that
+truncation leaves without labels, raises `LabelAlignmentError` with its id and the reason (the dataset
+counts these; nothing is silently zeroed).
 
 The per-template `preprocess_*` functions keep the names researchers know from LLaVA / MoE-LLaVA; they share
 the engine below and differ in the checks their tokenizer family needs.
 """
 
+import bisect
+import re
 import unicodedata
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -107,6 +114,116 @@ def _decode_span(tokenizer, ids: Sequence[int]) -> str:
     return DEFAULT_IMAGE_TOKEN.join(parts)
 
 
+class PrefixTokenizer:
+    """Answer boundaries from one tokenization of the whole text, in linear time.
+
+    `common_prefix(end)` is the length of the longest common prefix of `input_ids` (the ids of `text`) and
+    the ids of `text[:end]`, computed without tokenizing the whole of `text[:end]`: every tokenizer splits
+    its input at the special tokens written in it (transformers' slow tokenizers on their special tokens,
+    tiktoken on its specials) and `tokenizer_image_token` at `<image>`, and tokenizes the text between them
+    independently. So the ids of `text[:end]` are those of the whole text up to the last special token that
+    ends by `end`, then the ids of the rest tokenized from that special token on: a re-tokenization bounded
+    by one round of the conversation, not by the length of the text before it.
+
+    Where that special token sits in `input_ids` is read off the ids themselves: the special tokens written
+    in the text (all of the tokenizer's `all_special_tokens` except unk, which ordinary text may produce)
+    must appear as their own ids, one each, in order; otherwise (a tokenizer that does not treat them as
+    special) every prefix is tokenized whole. `clean` says that the re-tokenized rest matched `input_ids`
+    to its last id: the boundary is then a token boundary of `input_ids`, whose ids before it are exactly
+    those of the text before it.
+    """
+
+    def __init__(self, text: str, input_ids: Sequence[int], tokenizer, has_image: bool):
+        self.text, self.input_ids, self.tokenizer, self.has_image = text, input_ids, tokenizer, has_image
+        self.leading = tokenizer("").input_ids  # what the tokenizer puts before any text (BOS)
+        self._rests: Dict[Tuple[int, int], Optional[List[int]]] = {}
+        self.specials, self.positions = self._special_tokens()
+        self.special_ends = [stop for _, stop in self.specials]
+
+    def _special_tokens(self) -> Tuple[List[Tuple[int, int]], List[int]]:
+        """Character spans of the special tokens in the text and their indices in `input_ids` ([] if the
+        ids do not hold them one to one)."""
+        tokenizer = self.tokenizer
+        ids_of = {token: tokenizer.convert_tokens_to_ids(token)
+                  for token in tokenizer.all_special_tokens if token and token != tokenizer.unk_token}
+        if not ids_of:
+            return [], []
+        pattern = re.compile("|".join(re.escape(token) for token in sorted(ids_of, key=len, reverse=True)))
+        matches = list(pattern.finditer(self.text))
+        special_ids = set(ids_of.values())
+        lead = len(self.leading)
+        positions = [i for i in range(lead, len(self.input_ids)) if self.input_ids[i] in special_ids]
+        if [self.input_ids[i] for i in positions] != [ids_of[match.group()] for match in matches]:
+            return [], []
+        return [match.span() for match in matches], positions
+
+    def _rest_ids(self, start: int, end: int) -> Optional[List[int]]:
+        """Ids of `text[start:end]` as they continue a tokenization (without the leading ids), split at
+        `<image>` like `tokenizer_image_token`; None if a part lacks the leading ids."""
+        key = (start, end)
+        if key not in self._rests:
+            text = self.text[start:end]
+            parts = text.split(DEFAULT_IMAGE_TOKEN) if self.has_image else [text]
+            ids: Optional[List[int]] = []
+            for index, part in enumerate(parts):
+                part_ids = self.tokenizer(part).input_ids
+                if part_ids[: len(self.leading)] != self.leading:
+                    ids = None
+                    break
+                ids += ([IMAGE_TOKEN_INDEX] if index else []) + part_ids[len(self.leading):]
+            self._rests[key] = ids
+        return self._rests[key]
+
+    def _whole_prefix(self, end: int) -> List[int]:
+        text = self.text[:end]
+        return tokenizer_image_token(text, self.tokenizer) if self.has_image else self.tokenizer(text).input_ids
+
+    def common_prefix(self, end: int) -> Tuple[int, bool]:
+        """`(length, clean)`: the common prefix of `input_ids` and the ids of `text[:end]`, and whether the
+        ids of `text[:end]` are all of it."""
+        last = bisect.bisect_right(self.special_ends, end) - 1  # the last special token ending by `end`
+        rest = self._rest_ids(self.specials[last][0], end) if last >= 0 else None
+        if rest is None:
+            ids = self._whole_prefix(end)
+            length = _common_prefix_len(ids, self.input_ids)
+            return length, length == len(ids)
+        base = self.positions[last]
+        length = _common_prefix_len(rest, self.input_ids[base : base + len(rest)])
+        return base + length, length == len(rest)
+
+
+def locate_answer_spans(
+    pieces: Sequence[Tuple[str, bool]], tokenizer, input_ids: List[int], *, has_image: bool, sample_id=None
+) -> List[Tuple[int, int]]:
+    """Half-open token ranges of the answer pieces in `input_ids` (the ids of the concatenated pieces).
+
+    An answer starts (ends) at the longest common prefix of `input_ids` and the ids of the text before its
+    start (end), so a merge across a boundary lands on the answer side. Where a boundary is not a clean
+    token boundary (such a merge) or the span holds an unknown token, the span is decoded and must read
+    as its answer, or `LabelAlignmentError` names the sample.
+    """
+    text = "".join(piece for piece, _ in pieces)
+    prefixes = PrefixTokenizer(text, input_ids, tokenizer, has_image)
+    spans, position = [], 0
+    for piece, is_answer in pieces:
+        piece_start, position = position, position + len(piece)
+        if not is_answer:
+            continue
+        (start, clean_start), (end, clean_end) = prefixes.common_prefix(piece_start), prefixes.common_prefix(position)
+        exact = clean_start and clean_end and tokenizer.unk_token_id not in input_ids[start:end]
+        if not exact:
+            decoded = _decode_span(tokenizer, input_ids[start:end])
+            if _comparable(decoded) != _comparable(piece):
+                raise LabelAlignmentError(
+                    sample_id,
+                    f"the tokens located for the answer decode to {decoded!r}, expected {piece!r}. The answer's "
+                    "boundary merges with its neighbours in this tokenizer, or the tokenizer maps some of its "
+                    "characters to unknown tokens; run `python -m moellava.tokenization.doctor` on this sample.",
+                )
+        spans.append((start, end))
+    return spans
+
+
 def tokenize_pieces(
     pieces: Sequence[Tuple[str, bool]],
     tokenizer,
@@ -122,24 +239,9 @@ def tokenize_pieces(
         def tokenize(text: str) -> List[int]:
             return tokenizer(text).input_ids
 
-    text = "".join(piece for piece, _ in pieces)
-    input_ids = tokenize(text)
+    input_ids = tokenize("".join(piece for piece, _ in pieces))
     labels = [IGNORE_INDEX] * len(input_ids)
-    position = 0
-    for piece, is_answer in pieces:
-        piece_start, position = position, position + len(piece)
-        if not is_answer:
-            continue
-        start = _common_prefix_len(tokenize(text[:piece_start]), input_ids)
-        end = _common_prefix_len(tokenize(text[:position]), input_ids)
-        decoded = _decode_span(tokenizer, input_ids[start:end])
-        if _comparable(decoded) != _comparable(piece):
-            raise LabelAlignmentError(
-                sample_id,
-                f"the tokens located for the answer decode to {decoded!r}, expected {piece!r}. The answer's "
-                "boundary merges with its neighbours in this tokenizer, or the tokenizer maps some of its "
-                "characters to unknown tokens; run `python -m moellava.tokenization.doctor` on this sample.",
-            )
+    for start, end in locate_answer_spans(pieces, tokenizer, input_ids, has_image=has_image, sample_id=sample_id):
         for i in range(start, end):
             if input_ids[i] != IMAGE_TOKEN_INDEX:
                 labels[i] = input_ids[i]

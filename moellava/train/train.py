@@ -46,11 +46,13 @@ def setup_logging(training_args: TrainingArguments) -> None:
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
 
 
-def resolve_moe_backend(requested: str, training_args: TrainingArguments) -> str:
-    """`auto`: DeepSpeed-MoE under the DeepSpeed engine with several processes, else the native dispatcher."""
+def resolve_moe_backend(requested: str, training_args: TrainingArguments, ep_size: int) -> str:
+    """`auto`: DeepSpeed-MoE's all-to-all only for expert parallelism (`--ep_size` > 1 under the DeepSpeed
+    engine), else the native dispatcher: every expert on every rank, no capacity padding, also under the
+    engine (which still reduces the expert gradients over the data-parallel ranks)."""
     if requested != "auto":
         return requested
-    return "deepspeed" if training_args.deepspeed and training_args.world_size > 1 else "native"
+    return "deepspeed" if training_args.deepspeed and ep_size > 1 else "native"
 
 
 def resolve_drop_tokens(model_args: ModelArguments, saved: Optional[bool] = None) -> Optional[bool]:
@@ -94,7 +96,7 @@ def requested_moe_settings(num_layers: int, model_args: ModelArguments, training
         router_aux_loss_coef=model_args.router_aux_loss_coef,
         ep_size=model_args.ep_size,
         train_modules=model_args.train_modules or list(get_family(family).train_modules),
-        backend=resolve_moe_backend(model_args.moe_backend, training_args),
+        backend=resolve_moe_backend(model_args.moe_backend, training_args, model_args.ep_size),
         drop_tokens=resolve_drop_tokens(model_args),
     )
 

@@ -1,4 +1,4 @@
-"""Family-independent pieces of the decoder-only backbones (qwen, phi, stablelm, mistral).
+"""Family-independent pieces of the decoder-only backbones (llama, qwen, phi, stablelm, mistral).
 
 Every family module builds its decoder from these, so rotary positions, masks and the attention
 core behave identically everywhere:
@@ -8,12 +8,21 @@ core behave identically everywhere:
   channels of each head (partial rotary: the remaining channels pass through), with linear position
   scaling and NTK-aware base scaling (a scalar or one alpha per sample).
 * ``dynamic_ntk_alpha``: the HF "dynamic" rope-scaling alpha for a sequence length.
+* ``rotary_for_rope_scaling`` + ``rope_scaling_ntk_alpha``: the rotary embedding and per-forward alpha of a
+  config's HF ``rope_scaling`` (``linear`` scales the positions, ``dynamic`` the base).
 * ``validate_rope_scaling``: checks a config's ``rope_scaling`` dict.
 * ``repeat_kv``: expands key/value heads for grouped-query attention.
 * ``build_attention_mask``: the 4-D additive causal + padding mask, with an optional sliding window.
+* ``attention_mask_if_needed``: that mask only where plain causal attention would differ (left padding,
+  padding in the cache, an active sliding window, a chunk after cached tokens), else None, so that
+  ``scaled_dot_product_attention`` runs with ``is_causal`` and no mask: the flash kernel's condition.
 * ``update_kv_cache``: prepends a layer's cached keys/values and returns what to cache next.
-* ``attention_core``: softmax(QK^T/sqrt(d) + mask) V over grouped key/value heads, returning merged heads.
+* ``attention_core``: softmax(QK^T/sqrt(d) + mask) V over grouped key/value heads (causal when the mask is
+  None), returning merged heads.
 * ``SwiGLUMLP``: ``down_proj(act(gate_proj(x)) * up_proj(x))`` (Llama/Mistral/StableLM names).
+* ``GroupedQueryAttention`` + ``RMSNormDecoderLayer``: the Llama/Mistral/StableLM attention (``q_proj`` ..
+  ``o_proj``, rotary, grouped key/value heads, cache) and the Llama/Mistral pre-norm block
+  (``input_layernorm``, ``self_attn``, ``post_attention_layernorm``, ``mlp``).
 * ``decoder_layer_outputs``: the ``(hidden_states, [attentions], [present])`` tuple a decoder layer returns.
 * ``init_linear_and_embedding``: the normal(0, initializer_range) init every family starts from.
 * ``decoder_inputs`` + ``run_decoder_stack``: the inner model's forward around what each family adds
@@ -135,6 +144,24 @@ def dynamic_ntk_alpha(seq_len: int, max_position_embeddings: int, factor: float)
     return factor * seq_len / max_position_embeddings - (factor - 1)
 
 
+def rotary_for_rope_scaling(dim: int, base: float, rope_scaling: Optional[dict]) -> RotaryEmbedding:
+    """The rotary embedding of an HF ``rope_scaling`` config field: ``linear`` divides the positions by its
+    factor; ``dynamic`` changes the base per forward (``rope_scaling_ntk_alpha``); None: plain."""
+    rope_scaling = rope_scaling or {}
+    factor = rope_scaling["factor"] if rope_scaling.get("type") == "linear" else 1.0
+    return RotaryEmbedding(dim, base=base, scaling_factor=factor)
+
+
+def rope_scaling_ntk_alpha(
+    rope_scaling: Optional[dict], max_position_embeddings: int, kv_length: int
+) -> Optional[float]:
+    """The NTK alpha of a forward over ``kv_length`` tokens (past + new) under ``dynamic`` rope scaling, else
+    None."""
+    if rope_scaling is None or rope_scaling["type"] != "dynamic":
+        return None
+    return dynamic_ntk_alpha(kv_length, max_position_embeddings, rope_scaling["factor"])
+
+
 def validate_rope_scaling(rope_scaling: Optional[dict]) -> None:
     """``rope_scaling`` must be None or ``{"type": "linear" | "dynamic", "factor": float > 1}``."""
     if rope_scaling is None:
@@ -158,6 +185,15 @@ def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
     batch, kv_heads, seq_len, head_dim = hidden_states.shape
     hidden_states = hidden_states[:, :, None, :, :].expand(batch, kv_heads, n_rep, seq_len, head_dim)
     return hidden_states.reshape(batch, kv_heads * n_rep, seq_len, head_dim)
+
+
+def _check_mask_shape(attention_mask: torch.Tensor, batch_size: int, kv_length: int) -> None:
+    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch_size, kv_length):
+        raise ValueError(
+            f"attention_mask must be 2-D [batch, past + new tokens] = [{batch_size}, {kv_length}], got "
+            f"{tuple(attention_mask.shape)}; when decoding with past_key_values pass the mask of the "
+            "whole sequence so far"
+        )
 
 
 def build_attention_mask(
@@ -187,15 +223,45 @@ def build_attention_mask(
         allowed = allowed & (key_index > query_index - sliding_window)
     allowed = allowed[None, None, :, :].expand(batch_size, 1, query_length, kv_length)
     if attention_mask is not None:
-        if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch_size, kv_length):
-            raise ValueError(
-                f"attention_mask must be 2-D [batch, past + new tokens] = [{batch_size}, {kv_length}], got "
-                f"{tuple(attention_mask.shape)}; when decoding with past_key_values pass the mask of the "
-                "whole sequence so far"
-            )
+        _check_mask_shape(attention_mask, batch_size, kv_length)
         allowed = allowed & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def attention_mask_if_needed(
+    attention_mask: Optional[torch.Tensor],
+    batch_size: int,
+    query_length: int,
+    past_length: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    sliding_window: Optional[int] = None,
+) -> Optional[torch.Tensor]:
+    """``build_attention_mask(...)`` where it changes what a real token attends to, else None (plain causal
+    attention: ``attention_core`` then runs SDPA with ``is_causal``, which PyTorch's flash kernel accepts).
+
+    No mask is needed when the 2-D ``attention_mask`` is absent or all ones, or right padding only with no
+    cache (training batches: a real token never sees the padding after it; the padding positions' own
+    outputs differ, and nothing reads them: their labels are ignored), provided the sliding window covers
+    every key and the queries either start the sequence or are a single decoding step.
+    """
+    kv_length = past_length + query_length
+    if attention_mask is not None:
+        _check_mask_shape(attention_mask, batch_size, kv_length)
+    window_acts = sliding_window is not None and kv_length > sliding_window
+    # SDPA's is_causal aligns the first query with the first key: right for a whole sequence, and a single
+    # query sees every key anyway; a chunk of several queries after cached keys needs the explicit mask.
+    causal_aligns = past_length == 0 or query_length == 1
+    padding_matters = False
+    if attention_mask is not None:
+        real = attention_mask.bool()
+        right_padded_only = bool((real[:, 1:] <= real[:, :-1]).all())
+        padding_matters = not (bool(real.all()) or (past_length == 0 and right_padded_only))
+    if window_acts or not causal_aligns or padding_matters:
+        return build_attention_mask(attention_mask, batch_size, query_length, past_length, dtype, device,
+                                    sliding_window=sliding_window)
+    return None
 
 
 def update_kv_cache(
@@ -220,16 +286,25 @@ def attention_core(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``softmax(q k^T / sqrt(head_dim) + mask) v`` for ``[batch, heads, seq, head_dim]`` inputs. Keys and
     values may have fewer heads (grouped-query attention): each is shared by ``heads / kv_heads`` queries.
+    ``attention_mask`` None means causal (query i sees keys 0..i; a single query sees every key), computed
+    by SDPA's ``is_causal`` without materialising a mask (see ``attention_mask_if_needed``).
 
     Returns the context with heads merged, ``[batch, q_len, heads * head_dim]`` in the query dtype, and
     the attention probabilities when ``output_attentions`` (otherwise None: the fused SDPA kernel runs).
-    ``upcast`` computes in fp32 (Phi-2's scores overflow fp16). The caller passes ``dropout_p=0`` in eval.
+    ``upcast`` computes in fp32. The caller passes ``dropout_p=0`` in eval.
     """
     groups, rest = divmod(query.shape[1], key.shape[1])
     if rest:
         raise ValueError(
             f"{query.shape[1]} query heads cannot share {key.shape[1]} key/value heads; num_attention_heads must "
             "be a multiple of num_key_value_heads in config.json"
+        )
+    q_len, kv_len = query.shape[2], key.shape[2]
+    is_causal = attention_mask is None and q_len > 1
+    if is_causal and q_len != kv_len:
+        raise ValueError(
+            f"causal attention without a mask needs as many queries as keys, got {q_len} and {kv_len}; build the "
+            "mask with attention_mask_if_needed (it does so for a chunk after cached tokens)"
         )
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     out_dtype = query.dtype
@@ -239,13 +314,17 @@ def attention_core(
         attention_mask = attention_mask.to(query.dtype)
     weights = None
     if output_attentions:
+        if is_causal:
+            attention_mask = build_attention_mask(None, 1, q_len, 0, query.dtype, query.device)
         scores = torch.matmul(query, key.transpose(2, 3)) / math.sqrt(query.shape[-1])
         if attention_mask is not None:
             scores = scores + attention_mask
         weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
         context = torch.matmul(F.dropout(weights, p=dropout_p, training=dropout_p > 0), value)
     else:
-        context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout_p)
+        context = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=dropout_p, is_causal=is_causal
+        )
     batch, heads, q_len, head_dim = context.shape
     context = context.transpose(1, 2).reshape(batch, q_len, heads * head_dim).to(out_dtype)
     return context, weights
@@ -265,6 +344,92 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+class GroupedQueryAttention(nn.Module):
+    """Llama-style attention: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``; rotary queries and keys;
+    ``num_key_value_heads`` key/value heads, each shared by ``num_heads / num_key_value_heads`` query heads.
+    ``bias`` is that of the q/k/v projections, ``output_bias`` that of ``o_proj`` (default: ``bias``); a
+    family that normalises queries and keys per head overrides ``normalize_query_key``."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_key_value_heads: int, head_dim: int,
+                 attention_dropout: float = 0.0, bias: bool = False, output_bias: Optional[bool] = None):
+        super().__init__()
+        self.num_heads, self.num_key_value_heads, self.head_dim = num_heads, num_key_value_heads, head_dim
+        self.attention_dropout = attention_dropout
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, num_key_value_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, num_key_value_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias if output_bias is None else output_bias)
+
+    def normalize_query_key(self, query: torch.Tensor, key: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys ``[batch, heads, seq, head_dim]`` before the rotary embedding: unchanged here."""
+        return query, key
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        rotary_pos_emb: Tuple[torch.Tensor, torch.Tensor],
+        past_key_value: Optional[KVCache] = None,
+        output_attentions: bool = False,
+        use_cache: bool = False,
+    ):
+        batch, q_len, _ = hidden_states.shape
+        query = self.q_proj(hidden_states).view(batch, q_len, self.num_heads, self.head_dim).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(batch, q_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(batch, q_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        query, key = self.normalize_query_key(query, key)
+
+        query, key = apply_rotary_pos_emb(query, key, *rotary_pos_emb)
+        key, value, present = update_kv_cache(key, value, past_key_value, use_cache)
+        context, weights = attention_core(
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+            output_attentions=output_attentions,
+        )
+        return self.o_proj(context), weights, present
+
+
+class RMSNormDecoderLayer(nn.Module):
+    """Llama / Mistral pre-norm block: ``h = x + attn(norm(x))``, ``out = h + mlp(norm(h))`` with RMSNorm and a
+    SwiGLU ``mlp``. Reads ``hidden_size``, ``intermediate_size``, ``hidden_act``, ``rms_norm_eps``,
+    ``num_attention_heads``, ``num_key_value_heads`` and, when present, ``attention_dropout`` and
+    ``attention_bias`` from ``config``."""
+
+    def __init__(self, config, head_dim: int):
+        super().__init__()
+        self.self_attn = GroupedQueryAttention(
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            head_dim,
+            attention_dropout=getattr(config, "attention_dropout", 0.0),
+            bias=getattr(config, "attention_bias", False),
+        )
+        self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        rotary_pos_emb: Tuple[torch.Tensor, torch.Tensor],
+        past_key_value: Optional[KVCache] = None,
+        output_attentions: bool = False,
+        use_cache: bool = False,
+    ):
+        attn_output, weights, present = self.self_attn(
+            self.input_layernorm(hidden_states), attention_mask, rotary_pos_emb, past_key_value, output_attentions,
+            use_cache,
+        )
+        residual = hidden_states + attn_output
+        hidden_states = residual + self.mlp(self.post_attention_layernorm(residual))
+        return decoder_layer_outputs(hidden_states, weights, present, output_attentions, use_cache)
 
 
 def decoder_layer_outputs(
@@ -307,7 +472,8 @@ def decoder_inputs(
     """What an inner model's layers start from: ``(inputs_embeds, causal_mask, position_ids, past_length)``.
 
     Embeds ``input_ids`` with ``model.get_input_embeddings()`` unless ``inputs_embeds`` are given; positions
-    default to ``past_length ..``; ``causal_mask`` is the 4-D mask of ``build_attention_mask``.
+    default to ``past_length ..``; ``causal_mask`` is the 4-D mask of ``build_attention_mask`` where one is
+    needed, else None (plain causal attention, see ``attention_mask_if_needed``).
     """
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError(f"{type(model).__name__}: pass exactly one of input_ids or inputs_embeds")
@@ -318,7 +484,7 @@ def decoder_inputs(
     if position_ids is None:
         position_ids = torch.arange(past_length, past_length + seq_length, device=inputs_embeds.device)
         position_ids = position_ids.unsqueeze(0).expand(batch, -1)
-    causal_mask = build_attention_mask(
+    causal_mask = attention_mask_if_needed(
         attention_mask,
         batch,
         seq_length,

@@ -1,9 +1,12 @@
-"""LLaVA on Llama / Vicuna (`model_type` "llava_llama"): transformers' Llama with image features spliced
-into its input embeddings."""
+"""LLaVA on Llama / Vicuna (`model_type` "llava_llama"): our Llama backbone (moellava.model.language_model.
+llama, fused attention) with image features spliced into its input embeddings. The config is transformers'
+`LlamaConfig` and the weight names are transformers' Llama names, so checkpoints written on transformers'
+Llama load unchanged."""
 
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaModel
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from moellava.model.language_model.llama import LlamaConfig, LlamaForCausalLM, LlamaModel
 from moellava.model.llava_arch import LlavaConfigMixin, LlavaMetaForCausalLM, LlavaMetaModel
 
 
@@ -22,7 +25,6 @@ class LlavaLlamaForCausalLM(LlavaMetaForCausalLM, LlamaForCausalLM):
         # LlamaForCausalLM.__init__ would build a plain LlamaModel; build the LLaVA one instead.
         super(LlamaForCausalLM, self).__init__(config)
         self.model = LlavaLlamaModel(config)
-        self.pretraining_tp = config.pretraining_tp
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()

@@ -88,8 +88,37 @@ def dispatch(tokens: torch.Tensor, routing: Routing, experts: nn.ModuleList) -> 
     hidden = outputs[0].shape[-1]
     outputs.append(outputs[0].new_zeros(counts[num_experts], hidden))  # dropped routes contribute 0
     per_route = _GatherRows.apply(torch.cat(outputs), inverse, order, 1)
-    weighted = per_route.view(num_tokens, top_k, hidden).float() * routing.gate.unsqueeze(-1)
-    return weighted.sum(dim=1).to(tokens.dtype)
+    return _GateCombine.apply(per_route.view(num_tokens, top_k, hidden), routing.gate)
+
+
+class _GateCombine(torch.autograd.Function):
+    """`sum_j gate[:, j] * routes[:, j]`, accumulated in fp32, returned in the routes' dtype.
+
+    Only the inputs are saved for backward (the routes in the model dtype, the fp32 gate): in bf16, writing
+    it as `(routes.float() * gate).sum(1)` would keep an fp32 copy of every routed expert output alive until
+    backward. The fp32 temporaries here, forward and backward, are one token-choice column at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, routes: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(routes, gate)
+        combined = routes[:, 0].float() * gate[:, :1]
+        for j in range(1, routes.shape[1]):
+            combined += routes[:, j].float() * gate[:, j : j + 1]
+        return combined.to(routes.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        routes, gate = ctx.saved_tensors
+        grad = grad.float()
+        grad_routes = grad_gate = None
+        if ctx.needs_input_grad[0]:
+            grad_routes = torch.empty_like(routes)
+            for j in range(routes.shape[1]):
+                grad_routes[:, j] = grad * gate[:, j : j + 1]
+        if ctx.needs_input_grad[1]:
+            grad_gate = torch.stack([(routes[:, j].float() * grad).sum(-1) for j in range(routes.shape[1])], dim=1)
+        return grad_routes, grad_gate
 
 
 class _GatherRows(torch.autograd.Function):

@@ -1,19 +1,18 @@
 """SigLIP image tower. transformers 4.31 has no SigLIP, so the vision half is written here with the
 official configuration fields and weight names (`vision_model.embeddings.patch_embedding`,
-`vision_model.encoder.layers.N.self_attn.q_proj`, ..., `vision_model.post_layernorm`).
+`vision_model.encoder.layers.N.self_attn.q_proj`, ..., `vision_model.post_layernorm`); its encoder is the
+pre-LayerNorm ViT encoder it shares with CLIP (`vit.py`).
 
 LLaVA uses hidden states, not the pooled output, so the attention-pooling `head` of the official
 vision model is not built and its weights are ignored on load (as are the text half's)."""
 
 import math
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers.activations import ACT2FN
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature, get_size_dict
 from transformers.image_transforms import resize, to_channel_dimension_format
 from transformers.image_utils import (
@@ -27,6 +26,7 @@ from transformers.image_utils import (
 from transformers.modeling_outputs import BaseModelOutput
 
 from moellava.model.multimodal_encoder.base_encoder import VisionTower
+from moellava.model.multimodal_encoder.vit import VisionEncoder
 
 
 class SiglipVisionConfig(PretrainedConfig):
@@ -91,82 +91,11 @@ class SiglipVisionEmbeddings(nn.Module):
         return embeddings + self.position_embedding(self.position_ids)
 
 
-class SiglipAttention(nn.Module):
-    def __init__(self, config: SiglipVisionConfig):
-        super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
-        if self.head_dim * self.num_heads != config.hidden_size:
-            raise ValueError(
-                f"hidden_size {config.hidden_size} is not divisible by num_attention_heads {self.num_heads}."
-            )
-        self.dropout = config.attention_dropout
-        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = hidden_states.shape
-
-        def heads(x: torch.Tensor) -> torch.Tensor:
-            return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-
-        query = heads(self.q_proj(hidden_states))
-        key = heads(self.k_proj(hidden_states))
-        value = heads(self.v_proj(hidden_states))
-        attn = F.scaled_dot_product_attention(
-            query, key, value, dropout_p=self.dropout if self.training else 0.0, scale=1 / math.sqrt(self.head_dim)
-        )
-        return self.out_proj(attn.transpose(1, 2).reshape(batch, length, -1))
-
-
-class SiglipMLP(nn.Module):
-    def __init__(self, config: SiglipVisionConfig):
-        super().__init__()
-        self.activation_fn = ACT2FN[config.hidden_act]
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
-
-
-class SiglipEncoderLayer(nn.Module):
-    """Pre-LayerNorm transformer block."""
-
-    def __init__(self, config: SiglipVisionConfig):
-        super().__init__()
-        self.self_attn = SiglipAttention(config)
-        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = SiglipMLP(config)
-        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states))
-        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
-
-
-class SiglipEncoder(nn.Module):
-    def __init__(self, config: SiglipVisionConfig):
-        super().__init__()
-        self.layers = nn.ModuleList([SiglipEncoderLayer(config) for _ in range(config.num_hidden_layers)])
-
-    def forward(self, inputs_embeds: torch.Tensor) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
-        """Returns the last layer's output and every hidden state (embeddings first)."""
-        hidden_states = inputs_embeds
-        all_states = [hidden_states]
-        for layer in self.layers:
-            hidden_states = layer(hidden_states)
-            all_states.append(hidden_states)
-        return hidden_states, tuple(all_states)
-
-
 class SiglipVisionTransformer(nn.Module):
     def __init__(self, config: SiglipVisionConfig):
         super().__init__()
         self.embeddings = SiglipVisionEmbeddings(config)
-        self.encoder = SiglipEncoder(config)
+        self.encoder = VisionEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> BaseModelOutput:

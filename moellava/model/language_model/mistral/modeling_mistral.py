@@ -20,86 +20,20 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from ..common import (
     DecoderForCausalLM,
     RMSNorm,
+    RMSNormDecoderLayer,
     RotaryEmbedding,
-    SwiGLUMLP,
-    apply_rotary_pos_emb,
-    attention_core,
     decoder_inputs,
-    decoder_layer_outputs,
     init_linear_and_embedding,
     run_decoder_stack,
-    update_kv_cache,
 )
 from .configuration_mistral import MistralConfig
 
 
-class MistralAttention(nn.Module):
-    """Grouped-query attention: ``num_key_value_heads`` key/value heads shared by groups of query heads."""
+class MistralDecoderLayer(RMSNormDecoderLayer):
+    """Llama's block with grouped-query attention; the window is in the mask."""
 
     def __init__(self, config: MistralConfig):
-        super().__init__()
-        self.hidden_size = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.head_dim
-        self.num_key_value_heads = config.num_key_value_heads
-        self.attention_dropout = config.attention_dropout
-        self.q_proj = nn.Linear(self.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(self.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(self.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, self.hidden_size, bias=False)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: Optional[torch.Tensor],
-        rotary_pos_emb: Tuple[torch.Tensor, torch.Tensor],
-        past_key_value: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-        output_attentions: bool = False,
-        use_cache: bool = False,
-    ):
-        batch, q_len, _ = hidden_states.shape
-        query = self.q_proj(hidden_states).view(batch, q_len, self.num_heads, self.head_dim).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(batch, q_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(batch, q_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
-
-        query, key = apply_rotary_pos_emb(query, key, *rotary_pos_emb)
-        key, value, present = update_kv_cache(key, value, past_key_value, use_cache)
-        context, weights = attention_core(
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout_p=self.attention_dropout if self.training else 0.0,
-            output_attentions=output_attentions,
-        )
-        return self.o_proj(context), weights, present
-
-
-class MistralDecoderLayer(nn.Module):
-    def __init__(self, config: MistralConfig):
-        super().__init__()
-        self.self_attn = MistralAttention(config)
-        self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: Optional[torch.Tensor],
-        rotary_pos_emb: Tuple[torch.Tensor, torch.Tensor],
-        past_key_value: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-        output_attentions: bool = False,
-        use_cache: bool = False,
-    ):
-        residual = hidden_states
-        hidden_states = self.input_layernorm(hidden_states)
-        attn_output, weights, present = self.self_attn(
-            hidden_states, attention_mask, rotary_pos_emb, past_key_value, output_attentions, use_cache
-        )
-        residual = residual + attn_output
-        hidden_states = residual + self.mlp(self.post_attention_layernorm(residual))
-        return decoder_layer_outputs(hidden_states, weights, present, output_attentions, use_cache)
+        super().__init__(config, config.head_dim)
 
 
 class MistralPreTrainedModel(PreTrainedModel):

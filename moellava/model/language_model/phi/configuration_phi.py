@@ -9,7 +9,9 @@ class PhiConfig(PretrainedConfig):
     """Phi decoder: one LayerNorm feeds attention and MLP in parallel, partial rotary, biased ``lm_head``.
 
     Field names and defaults are those of the official ``configuration_phi.py`` (transformers >= 4.37),
-    so microsoft/phi-2's config.json loads as is.
+    so microsoft/phi-2's config.json loads as is. One field is ours: ``upcast_attention`` (default False)
+    computes attention in fp32, as the official eager code always does; by default it runs in the model
+    dtype, so a GPU takes the fused kernels (which accumulate the scores in fp32 anyway).
     """
 
     model_type = "phi"
@@ -36,6 +38,7 @@ class PhiConfig(PretrainedConfig):
         rope_scaling=None,
         partial_rotary_factor=0.5,
         qk_layernorm=False,
+        upcast_attention=False,
         bos_token_id=1,
         eos_token_id=2,
         **kwargs,
@@ -58,6 +61,7 @@ class PhiConfig(PretrainedConfig):
         self.rope_scaling = rope_scaling
         self.partial_rotary_factor = partial_rotary_factor
         self.qk_layernorm = qk_layernorm
+        self.upcast_attention = upcast_attention
         self._validate()
         super().__init__(
             bos_token_id=bos_token_id,

@@ -15,13 +15,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..common import (
     DecoderForCausalLM,
-    RotaryEmbedding,
     apply_rotary_pos_emb,
     attention_core,
     decoder_inputs,
     decoder_layer_outputs,
-    dynamic_ntk_alpha,
     init_linear_and_embedding,
+    rope_scaling_ntk_alpha,
+    rotary_for_rope_scaling,
     run_decoder_stack,
     update_kv_cache,
 )
@@ -52,6 +52,8 @@ class PhiAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim)
         self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim)
         self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size)
+        # The official eager attention always runs in fp32; here only when the config asks for it.
+        self.upcast_attention = config.upcast_attention
         self.qk_layernorm = config.qk_layernorm
         if self.qk_layernorm:
             # Normalises each head's query/key vector.
@@ -78,7 +80,6 @@ class PhiAttention(nn.Module):
 
         query, key = apply_rotary_pos_emb(query, key, *rotary_pos_emb)
         key, value, present = update_kv_cache(key, value, past_key_value, use_cache)
-        # Phi-2's attention scores overflow fp16, hence fp32 attention (as the official model).
         context, weights = attention_core(
             query,
             key,
@@ -86,7 +87,7 @@ class PhiAttention(nn.Module):
             attention_mask,
             dropout_p=self.attention_dropout if self.training else 0.0,
             output_attentions=output_attentions,
-            upcast=True,
+            upcast=self.upcast_attention,
         )
         return self.dense(context), weights, present
 
@@ -148,11 +149,8 @@ class PhiModel(PhiPreTrainedModel):
         self.layers = nn.ModuleList([PhiDecoderLayer(config) for _ in range(config.num_hidden_layers)])
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         head_dim = config.hidden_size // config.num_attention_heads
-        rope_scaling = config.rope_scaling or {}
-        self.rotary_emb = RotaryEmbedding(
-            int(head_dim * config.partial_rotary_factor),
-            base=config.rope_theta,
-            scaling_factor=rope_scaling["factor"] if rope_scaling.get("type") == "linear" else 1.0,
+        self.rotary_emb = rotary_for_rope_scaling(
+            int(head_dim * config.partial_rotary_factor), config.rope_theta, config.rope_scaling
         )
         self.gradient_checkpointing = False
         self.post_init()
@@ -162,12 +160,6 @@ class PhiModel(PhiPreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.embed_tokens = value
-
-    def _ntk_alpha(self, kv_length: int) -> Optional[float]:
-        rope_scaling = self.config.rope_scaling
-        if rope_scaling is None or rope_scaling["type"] != "dynamic":
-            return None
-        return dynamic_ntk_alpha(kv_length, self.config.max_position_embeddings, rope_scaling["factor"])
 
     def forward(
         self,
@@ -184,7 +176,10 @@ class PhiModel(PhiPreTrainedModel):
         inputs_embeds, causal_mask, position_ids, past_length = decoder_inputs(
             self, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values
         )
-        rotary_pos_emb = self.rotary_emb(position_ids, self._ntk_alpha(past_length + inputs_embeds.shape[1]))
+        ntk_alpha = rope_scaling_ntk_alpha(
+            self.config.rope_scaling, self.config.max_position_embeddings, past_length + inputs_embeds.shape[1]
+        )
+        rotary_pos_emb = self.rotary_emb(position_ids, ntk_alpha)
         hidden_states = self.embed_dropout(inputs_embeds)
         return run_decoder_stack(
             self, self.layers, self.final_layernorm, hidden_states, (causal_mask, rotary_pos_emb), past_key_values,

@@ -20,15 +20,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..common import (
     DecoderForCausalLM,
+    GroupedQueryAttention,
     RotaryEmbedding,
     SwiGLUMLP,
-    apply_rotary_pos_emb,
-    attention_core,
     decoder_inputs,
     decoder_layer_outputs,
     init_linear_and_embedding,
     run_decoder_stack,
-    update_kv_cache,
 )
 from .configuration_stablelm import StableLMEpochConfig, StableLmConfig
 
@@ -47,52 +45,23 @@ class StableLmLayerNormPerHead(nn.Module):
         return F.layer_norm(hidden_states, hidden_states.shape[-1:], eps=self.eps) * weight
 
 
-class StableLmAttention(nn.Module):
+class StableLmAttention(GroupedQueryAttention):
+    """Llama-style attention with biased q/k/v (``use_qkv_bias``), an unbiased output projection and, with
+    ``qk_layernorm``, a LayerNorm per head on queries and keys."""
+
     def __init__(self, config: StableLmConfig):
-        super().__init__()
-        self.hidden_size = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.head_dim = self.hidden_size // self.num_heads
-        self.num_key_value_heads = config.num_key_value_heads
-        self.attention_dropout = config.attention_dropout
-        bias = config.use_qkv_bias
-        self.q_proj = nn.Linear(self.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(self.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(self.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, self.hidden_size, bias=False)
+        head_dim = config.hidden_size // config.num_attention_heads
+        super().__init__(config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim,
+                         config.attention_dropout, bias=config.use_qkv_bias, output_bias=False)
         self.qk_layernorm = config.qk_layernorm
         if self.qk_layernorm:
-            self.q_layernorm = StableLmLayerNormPerHead(self.head_dim, self.num_heads, config.layer_norm_eps)
-            self.k_layernorm = StableLmLayerNormPerHead(self.head_dim, self.num_key_value_heads, config.layer_norm_eps)
+            self.q_layernorm = StableLmLayerNormPerHead(head_dim, self.num_heads, config.layer_norm_eps)
+            self.k_layernorm = StableLmLayerNormPerHead(head_dim, self.num_key_value_heads, config.layer_norm_eps)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: Optional[torch.Tensor],
-        rotary_pos_emb: Tuple[torch.Tensor, torch.Tensor],
-        past_key_value: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-        output_attentions: bool = False,
-        use_cache: bool = False,
-    ):
-        batch, q_len, _ = hidden_states.shape
-        query = self.q_proj(hidden_states).view(batch, q_len, self.num_heads, self.head_dim).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(batch, q_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(batch, q_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
-        if self.qk_layernorm:
-            query = self.q_layernorm(query)
-            key = self.k_layernorm(key)
-
-        query, key = apply_rotary_pos_emb(query, key, *rotary_pos_emb)
-        key, value, present = update_kv_cache(key, value, past_key_value, use_cache)
-        context, weights = attention_core(
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout_p=self.attention_dropout if self.training else 0.0,
-            output_attentions=output_attentions,
-        )
-        return self.o_proj(context), weights, present
+    def normalize_query_key(self, query: torch.Tensor, key: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if not self.qk_layernorm:
+            return query, key
+        return self.q_layernorm(query), self.k_layernorm(key)
 
 
 class StableLmDecoderLayer(nn.Module):
