@@ -1,7 +1,9 @@
 """`load_pretrained_model`: a LLaVA / MoE-LLaVA checkpoint for inference, chosen by `config.model_type`
 (never by folder name), on CPU or GPU, with MoE layers on the native backend by default (no `deepspeed`
-launcher, no process group)."""
+launcher, no process group). A LoRA checkpoint is recognised by its adapter_config.json and loaded over
+its base model (`_load_lora_checkpoint`), merged or not."""
 
+import copy
 import json
 import logging
 import os
@@ -14,6 +16,8 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGH
 
 import moellava.model  # noqa: F401  (registers the llava_* / moe_llava_* model types)
 from moellava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
+from moellava.model import lora
+from moellava.model.moe import router_parameter_names
 from moellava.model.moe_model import has_moe_layers, set_moe_backend
 from moellava.tokenization import FAMILIES, family_for_model_type, load_tokenizer
 
@@ -71,6 +75,7 @@ def load_pretrained_model(
     torch_dtype: Union[None, str, torch.dtype] = None,
     moe_backend: str = "native",
     padding_side: str = "right",
+    merge: bool = False,
 ) -> Tuple[object, torch.nn.Module, object, int]:
     """Returns `(tokenizer, model, image_processor, context_len)`, the model in eval mode on `device`.
 
@@ -79,6 +84,9 @@ def load_pretrained_model(
     padding_side: where the tokenizer pads, and where the image splicing re-pads a batch
       (`config.tokenizer_padding_side`); batched generation needs "left".
     moe_backend: "native" (default, any single process) or "deepspeed" (needs deepspeed.init_distributed()).
+    A LoRA checkpoint (adapter_config.json; stage 2 or 3 with --lora_enable) loads over `model_base`, else
+    over the base recorded in its adapter_config.json; `merge=True` merges the adapters into the weights
+    (a plain model, as scripts/merge_lora_weights.py saves), `merge=False` keeps them as peft LoRA layers.
     """
     dtype = resolve_dtype(torch_dtype, device)
     if padding_side not in ("left", "right"):
@@ -96,7 +104,8 @@ def load_pretrained_model(
         set_moe_backend(config, moe_backend)
     config.tokenizer_padding_side = padding_side
 
-    if model_base is not None:
+    lora_checkpoint = lora.is_lora_checkpoint(model_path)
+    if model_base is not None and not lora_checkpoint:
         projector_file = os.path.join(model_path, PROJECTOR_FILE)
         if not os.path.isfile(projector_file):
             raise ValueError(
@@ -106,7 +115,23 @@ def load_pretrained_model(
         weights_path, tokenizer_path = model_base, model_base
     else:
         projector_file, weights_path, tokenizer_path = None, model_path, model_path
+    if lora_checkpoint:
+        model, tokenizer_path = _load_lora_checkpoint(model_path, model_base, config, dtype, merge=merge)
+    else:
+        model, missing_keys = _from_pretrained(weights_path, config, dtype)
+        _complete_missing_weights(model, missing_keys, projector_file, weights_path)
 
+    tokenizer = load_tokenizer(tokenizer_path, family=family_for_model_type(model_type), padding_side=padding_side)
+    _add_vision_tokens(model, tokenizer)
+
+    model.to(device=device).eval()
+    image_processor = model.get_image_tower().image_processor if model.get_image_tower() is not None else None
+    return tokenizer, model, image_processor, _context_length(config)
+
+
+def _from_pretrained(weights_path: str, config, dtype: torch.dtype):
+    """The model of `config` with the weights of `weights_path`, and the weights it lacks; weights the model
+    has no place for are an error."""
     model, info = AutoModelForCausalLM.from_pretrained(
         weights_path, config=config, torch_dtype=dtype, output_loading_info=True, trust_remote_code=False
     )
@@ -117,14 +142,43 @@ def load_pretrained_model(
             f"{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)} tensors): its config.json does not "
             "describe the checkpoint (e.g. a MoE checkpoint without its `moe` settings). Re-save it from training."
         )
-    _complete_missing_weights(model, info["missing_keys"], projector_file, weights_path)
+    return model, info["missing_keys"]
 
-    tokenizer = load_tokenizer(tokenizer_path, family=family_for_model_type(model_type), padding_side=padding_side)
-    _add_vision_tokens(model, tokenizer)
 
-    model.to(device=device).eval()
-    image_processor = model.get_image_tower().image_processor if model.get_image_tower() is not None else None
-    return tokenizer, model, image_processor, _context_length(config)
+def _load_lora_checkpoint(model_path: str, model_base: Optional[str], config, dtype: torch.dtype, *,
+                          merge: bool) -> Tuple[torch.nn.Module, str]:
+    """The model of a LoRA checkpoint's `config` over its base, with the adapters and the other trained
+    tensors of `model_path`, merged into the weights when `merge`. Returns `(model, tokenizer folder)`.
+
+    The base is `model_base`, else adapter_config.json's `base_model_name_or_path`. A MoE checkpoint whose
+    base is dense (stage 3 from a stage-2 model) is upcycled again, as in training: its experts start as
+    exact copies of the base FFNs, its routers come from the checkpoint."""
+    recorded = lora.read_lora_config(model_path).base_model_name_or_path
+    base = model_base or recorded
+    if not base:
+        raise ValueError(f"{model_path}/{lora.ADAPTER_CONFIG_FILE} records no base model: pass --model-base "
+                         "(model_base=...), the model the LoRA run started from.")
+    if not os.path.isdir(base) and (os.path.isabs(base) or base.startswith(".")):
+        source = "--model-base" if model_base else f"{model_path}/{lora.ADAPTER_CONFIG_FILE}"
+        raise ValueError(f"The base model {base} (from {source}) does not exist: pass --model-base <the folder the "
+                         "LoRA run started from> (model_base=...).")
+    upcycled = has_moe_layers(config) and not has_moe_layers(load_config(base))
+    build_config = copy.deepcopy(config)
+    if upcycled:
+        build_config.moe = None
+    model, missing_keys = _from_pretrained(base, build_config, dtype)
+    if upcycled:
+        model.initialize_moe_modules(config.moe)
+        missing_keys = list(missing_keys) + router_parameter_names(model)
+    saved = lora.non_lora_names(model_path)
+    _complete_missing_weights(model, [key for key in missing_keys if key not in saved], None,
+                              f"{base} (with {model_path}/{lora.NON_LORA_FILE})")
+    lora.add_lora(model, lora.read_lora_config(model_path))
+    lora.load_lora_weights(model, model_path)
+    if merge:
+        model = lora.merge_lora(model)
+    has_tokenizer = os.path.isfile(os.path.join(model_path, "tokenizer_config.json"))
+    return model, model_path if has_tokenizer else base
 
 
 def has_weights(folder: str) -> bool:
