@@ -20,9 +20,9 @@ The base weights are those of `base_model_name_or_path`; a MoE LoRA checkpoint o
 by upcycling the base again (experts are exact copies of its FFNs) before the adapters are loaded.
 """
 
-import json
 import logging
 import os
+import re
 from typing import Dict, List, Optional, Sequence, Set
 
 import torch
@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moellava.model.moe import EXPERT_INFIX, moe_blocks, router_parameter_names
+from moellava.model.moe.layer import EXPERT_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -57,22 +58,25 @@ def has_lora(model: nn.Module) -> bool:
 
 
 def _decoder_linears(model: nn.Module) -> Dict[str, str]:
-    """Full name -> dense name (expert infix removed) of every Linear inside the model's decoder layers,
-    routers and residual mixes left out."""
+    """Full name -> name inside its decoder layer (`self_attn.q_proj`, `mlp.deepspeed_moe.experts.
+    deepspeed_experts.2.up_proj`) of every Linear of the model's decoder layers, routers and residual mixes
+    left out."""
     layer_ids = {id(layer) for layer in model.get_decoder_layers()}
     routers = {name.rsplit(".", 1)[0] for name in router_parameter_names(model)}
     linears = {}
     for prefix, layer in model.named_modules():
         if id(layer) not in layer_ids:
             continue
-        for name, module in layer.named_modules(prefix=prefix):
-            if isinstance(module, nn.Linear) and name not in routers:
-                linears[name] = EXPERT_INFIX.sub("", name)
+        for name, module in layer.named_modules():
+            full = f"{prefix}.{name}"
+            if isinstance(module, nn.Linear) and full not in routers:
+                linears[full] = name
     return linears
 
 
 def lora_target_modules(model: nn.Module, targets: Sequence[str]) -> List[str]:
-    """The full names of the decoder-layer Linears selected by `targets` (names or dotted name tails).
+    """The full names of the decoder-layer Linears selected by `targets`: a target selects the Linears whose
+    name inside the layer (an expert's through its dense name) is the target or ends with "." + target.
 
     Every target must select something; the routers cannot be targets (they train in full)."""
     if isinstance(targets, str) or not targets or not all(isinstance(t, str) and t for t in targets):
@@ -82,29 +86,34 @@ def lora_target_modules(model: nn.Module, targets: Sequence[str]) -> List[str]:
             f"--lora_target {' '.join(targets)}: the MoE routers (wg) and residual mixes (coefficient) are new "
             "in stage 3 and always train in full; leave them out of --lora_target."
         )
-    linears = _decoder_linears(model)
+    dense_names = {full: EXPERT_INFIX.sub("", inner) for full, inner in _decoder_linears(model).items()}
     selected, unmatched = set(), []
     for target in targets:
-        found = {name for name, dense in linears.items() if dense == target or dense.endswith("." + target)}
+        found = {full for full, dense in dense_names.items() if dense == target or dense.endswith("." + target)}
         if not found:
             unmatched.append(target)
         selected |= found
     if unmatched:
-        tails = sorted({_layer_relative(dense) for dense in linears.values()})
+        names = sorted(set(dense_names.values()))
         raise ValueError(
             f"--lora_target {' '.join(unmatched)} matches no Linear in the LLM's decoder layers. Their Linears are "
-            f"{tails}: pass some of these names (the last part is enough, e.g. {tails[0].rsplit('.', 1)[-1]})."
+            f"{names}: pass some of these names (the last part is enough, e.g. {names[0].rsplit('.', 1)[-1]})."
         )
     return sorted(selected)
 
 
-def _layer_relative(dense_name: str) -> str:
-    """`model.layers.3.self_attn.q_proj` -> `self_attn.q_proj` (the name inside a decoder layer)."""
-    parts = dense_name.split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit():
-            return ".".join(parts[i + 1:])
-    return dense_name
+def _target_pattern(model: nn.Module, names: Sequence[str]) -> str:
+    """A regular expression that peft full-matches against module names, matching exactly `names`:
+    `<decoder layers>.<i>.(<name inside the layer>|...)`, any expert index where the name has one. (A list
+    of hundreds of full names would be rewritten by peft into short suffixes, which are ambiguous to read.)"""
+    inner = _decoder_linears(model)
+    layers = {full[: -len(inner[full]) - 1].rsplit(".", 1)[0] for full in names}
+    if len(layers) != 1:
+        raise ValueError(f"The LoRA targets lie in several module lists {sorted(layers)}: expected the decoder layers.")
+    any_expert = re.escape(EXPERT_KEY) + r"\d+\."
+    alternatives = sorted({any_expert.join(re.escape(part) for part in EXPERT_INFIX.split(inner[full]))
+                           for full in names})
+    return rf"{re.escape(layers.pop())}\.\d+\.(?:{'|'.join(alternatives)})"
 
 
 # --- adding adapters ---------------------------------------------------------------------------------------
@@ -119,7 +128,7 @@ def make_lora_config(model: nn.Module, *, r: int, alpha: float, dropout: float, 
         lora_alpha=alpha,
         lora_dropout=dropout,
         bias=bias,
-        target_modules=lora_target_modules(model, targets),
+        target_modules=_target_pattern(model, lora_target_modules(model, targets)),
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_name_or_path,
     )
@@ -138,8 +147,9 @@ def add_lora(model: nn.Module, config: LoraConfig) -> None:
                 if "lora_" in name:
                     param.allreduce = base[0].allreduce
                     param.group_name = base[0].group_name
-    logger.info("LoRA r=%d alpha=%s dropout=%s bias=%s on %d Linears of the LLM", config.r, config.lora_alpha,
-                config.lora_dropout, config.bias, len(config.target_modules))
+    adapted = sum(isinstance(module, LoraLayer) for module in model.modules())
+    logger.info("LoRA r=%d alpha=%s dropout=%s bias=%s on %d Linears of the LLM (%s)", config.r, config.lora_alpha,
+                config.lora_dropout, config.bias, adapted, config.target_modules)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -181,10 +191,7 @@ def save_lora_checkpoint(model: nn.Module, folder: str, state_dict: Optional[Dic
 
     save_file(owned(adapter), os.path.join(folder, ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
     save_file(owned(non_lora), os.path.join(folder, NON_LORA_FILE), metadata={"format": "pt"})
-    config = model.peft_config["default"].to_dict()
-    config["target_modules"] = sorted(config["target_modules"])
-    with open(os.path.join(folder, ADAPTER_CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+    model.peft_config["default"].save_pretrained(folder)
     model.config.save_pretrained(folder)
     logger.info("Saved the LoRA adapter (%d tensors) and %d other trained tensors to %s", len(adapter),
                 len(non_lora), folder)

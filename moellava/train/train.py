@@ -225,9 +225,9 @@ def add_lora_adapters(model, model_args: ModelArguments, training_args: Training
             if getattr(saved, key) != getattr(config, key):
                 raise ValueError(f"--lora_weight_path {start} has {key}={getattr(saved, key)!r}, this run "
                                  f"{getattr(config, key)!r}: pass the same LoRA settings.")
-        if set(saved.target_modules) != set(config.target_modules):
-            raise ValueError(f"--lora_weight_path {start} adapts other Linears than this run's --lora_target: "
-                             f"{sorted(set(saved.target_modules) ^ set(config.target_modules))[:5]} ...")
+        if saved.target_modules != config.target_modules:
+            raise ValueError(f"--lora_weight_path {start} adapts the Linears {saved.target_modules!r}, this run "
+                             f"{config.target_modules!r}: pass the same --lora_target (and model).")
         lora.load_lora_weights(model, start)
         logger.info("LoRA adapters started from %s", start)
 
