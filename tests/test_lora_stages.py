@@ -31,7 +31,9 @@ LLAMA = models.LlamaSize(hidden_size=32, intermediate_size=64, num_hidden_layers
                          max_position_embeddings=256)
 STEPS = 6
 LORA_ENV = {"LORA": "1", "LORA_R": "8", "LORA_ALPHA": "16", "LORA_DROPOUT": "0.0", "PROJECTOR_LR": "1e-3"}
-MERGE_SCRIPT = os.path.join(REPO_DIR, "scripts", "merge_lora_weights.py")
+# The MoE merge runs under the original's script name (an alias of merge_lora_weights.py).
+MERGE_SCRIPTS = {"dense": os.path.join(REPO_DIR, "scripts", "merge_lora_weights.py"),
+                 "moe": os.path.join(REPO_DIR, "scripts", "merge_moe_lora_weights.py")}
 
 
 def train(script, out, overrides):
@@ -193,7 +195,7 @@ def test_merged_checkpoint_is_plain_gives_the_same_logits_and_answers_through_th
 
     out = runs[kind]["whole"]
     merged = str(tmp_path / "merged")
-    result = subprocess.run([sys.executable, MERGE_SCRIPT, "--model-path", out, "--save-model-path", merged],
+    result = subprocess.run([sys.executable, MERGE_SCRIPTS[kind], "--model-path", out, "--save-model-path", merged],
                             capture_output=True, text=True, timeout=300, env=script_environment({}))
     assert result.returncode == 0, result.stderr[-3000:]
     assert not lora.is_lora_checkpoint(merged) and os.path.isfile(os.path.join(merged, "model.safetensors"))
