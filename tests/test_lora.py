@@ -271,3 +271,27 @@ def test_a_lora_checkpoint_as_the_model_to_train_names_the_merge_command(tower, 
     with pytest.raises(ValueError, match=r"is a LoRA checkpoint .* scripts/merge_lora_weights.py --model-path"):
         train_module.load_model(args, training)
     assert os.path.isfile(tmp_path / lora.NON_LORA_FILE)
+
+
+def test_gradient_checkpointing_gives_the_adapters_the_same_gradients(tower):
+    """The recipes train with --gradient_checkpointing: with frozen embeddings and frozen base Linears the
+    adapters, routers and projector still get their gradients (train.py enables input grads), unchanged."""
+    model = with_lora("llama", tower)
+    randomize_adapters(model)
+    model.train()
+    pixels = tiny_llava.random_pixels(1)
+    labels = PROMPT.clone()
+    labels[:, :4] = -100  # up to the image; the model masks the image tokens it splices in
+
+    def gradients():
+        model.zero_grad(set_to_none=True)
+        model(PROMPT, labels=labels, images=pixels).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    plain = gradients()
+    model.gradient_checkpointing_enable()
+    model.enable_input_require_grads()
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys() and all(g.abs().sum() > 0 for g in plain.values())
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=0, atol=1e-6, msg=name)

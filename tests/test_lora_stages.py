@@ -221,6 +221,16 @@ def test_merged_checkpoint_is_plain_gives_the_same_logits_and_answers_through_th
     loaded, info = AutoModelForCausalLM.from_pretrained(merged, output_loading_info=True)
     assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and not lora.has_lora(loaded)
 
+    if kind == "dense":  # the merged stage-2 model is what a stage-3 run starts from
+        from types import SimpleNamespace
+
+        from moellava.train.train import load_model
+
+        stage3_start = load_model(SimpleNamespace(model_name_or_path=merged, moe_enable=True),
+                                  SimpleNamespace(cache_dir=None, deepspeed=None, bf16=False, fp16=False))
+        assert type(stage3_start).__name__ == "MoELLaVALlamaForCausalLM"
+        assert all(torch.equal(value, weights[key]) for key, value in stage3_start.state_dict().items())
+
     cli.main(["--model-path", merged, "--image-file", image_path, "--query", data.COLOUR_QUESTIONS[0],
               "--temperature", "0", "--max-new-tokens", "4"])
     answer = capsys.readouterr().out.strip()

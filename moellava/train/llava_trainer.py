@@ -363,6 +363,11 @@ class LLaVATrainer(Trainer):
         model = model or self.model
         if lora.has_lora(model):
             return self._load_lora(resume_from_checkpoint, model)
+        if lora.is_lora_checkpoint(resume_from_checkpoint):
+            raise ValueError(
+                f"{resume_from_checkpoint} is a checkpoint of a LoRA run (adapters only), and this run trains "
+                "without LoRA: resume with --lora_enable True and the LoRA settings of the run that wrote it."
+            )
         if self.projector_only_keys is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
         path = os.path.join(resume_from_checkpoint, PROJECTOR_FILE)
