@@ -225,6 +225,12 @@ def test_lora_weight_path_starts_the_adapters_from_a_checkpoint(tower, tmp_path)
     assert all(torch.equal(value, started.state_dict()[key]) for key, value in model.state_dict().items())
     with pytest.raises(ValueError, match="has r=4, this run 8"):
         with_lora("llama", tower, lora_r=8, lora_alpha=16, lora_weight_path=str(tmp_path))
+    # Loading into a model with other adapters (a resume with other flags) names the mismatch.
+    with pytest.raises(ValueError, match="does not fit this model.*size mismatch"):
+        lora.load_lora_weights(with_lora("llama", tower, lora_r=8, lora_alpha=16), str(tmp_path))
+    fewer = with_lora("llama", tower, lora_target=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
+    with pytest.raises(ValueError, match=r"does not fit this model: .* missing \[\], unexpected \['model.layers.0.self_attn.k_proj"):
+        lora.load_lora_weights(fewer, str(tmp_path))
     with pytest.raises(ValueError, match="pass the same --lora_target"):
         with_lora("llama", tower, lora_target=["q_proj", "up_proj", "gate_proj", "down_proj"],
                   lora_weight_path=str(tmp_path))

@@ -3,7 +3,7 @@ LoRA checkpoint, merging the adapters into the weights.
 
 Targets are the LLM's own Linears only: a `--lora_target` name (`q_proj`, or a dotted tail such as
 `mlp.w1`) selects the Linear modules inside the decoder layers whose name ends with it, and peft receives
-their full names. The vision tower, the projector and `lm_head` therefore never get an adapter, whatever
+one regular expression that matches exactly those modules. The vision tower, the projector and `lm_head` therefore never get an adapter, whatever
 their Linears are called (the original matched short names model-wide and also adapted CLIP and the
 projector, spec 12.9). In a MoE layer each expert is a module of its own, so each expert gets its own
 adapter; an expert name matches through its dense name (`...mlp.deepspeed_moe.experts.deepspeed_experts.2.w1`
@@ -29,6 +29,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -206,20 +207,21 @@ def read_lora_config(folder: str) -> LoraConfig:
         config = LoraConfig.from_pretrained(folder)
     except (OSError, ValueError, TypeError) as err:
         raise ValueError(f"{path} cannot be read as a peft LoRA config: {err}") from None
-    if config.peft_type != "LORA" and getattr(config.peft_type, "value", None) != "LORA":
+    if config.peft_type != "LORA":  # peft builds the config class of the file's own peft_type
         raise ValueError(f"{path} describes a {config.peft_type} adapter; only LoRA adapters are supported.")
     return config
 
 
-def _read(folder: str, name: str) -> Dict[str, torch.Tensor]:
+def _path(folder: str, name: str) -> str:
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
         raise ValueError(f"{folder} has {ADAPTER_CONFIG_FILE} but no {name}: the LoRA checkpoint is incomplete.")
-    return load_file(path)
+    return path
 
 
 def non_lora_names(folder: str) -> Set[str]:
-    return set(_read(folder, NON_LORA_FILE))
+    with safe_open(_path(folder, NON_LORA_FILE), framework="pt") as f:
+        return set(f.keys())
 
 
 def load_lora_weights(model: nn.Module, folder: str) -> Set[str]:
@@ -227,18 +229,30 @@ def load_lora_weights(model: nn.Module, folder: str) -> Set[str]:
 
     Every adapter tensor of the model must be in the file and every file tensor in the model. Returns the
     names of the non-LoRA tensors loaded."""
-    adapter = _read(folder, ADAPTER_WEIGHTS_FILE)
+    adapter = load_file(_path(folder, ADAPTER_WEIGHTS_FILE))
     adapter = {key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key: value for key, value in adapter.items()}
+    non_lora = load_file(_path(folder, NON_LORA_FILE))
+    unfit = (f"The LoRA checkpoint {folder} does not fit this model: its {ADAPTER_CONFIG_FILE} and config.json must "
+             "describe the model (and LoRA settings) it is loaded into")
     expected = {key for key in model.state_dict() if "lora_" in key}
-    result = set_peft_model_state_dict(model, adapter)
+    try:
+        result = set_peft_model_state_dict(model, adapter)
+    except RuntimeError as err:  # shapes differ (another --lora_r, another model size)
+        raise ValueError(f"{unfit}: {_first_mismatches(err)}") from None
     missing = sorted(expected & set(result.missing_keys))
-    non_lora = _read(folder, NON_LORA_FILE)
     unexpected = sorted(set(result.unexpected_keys) | (set(non_lora) - set(model.state_dict())))
     if missing or unexpected:
-        raise ValueError(
-            f"The LoRA checkpoint {folder} does not fit this model: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]} ({len(missing)} missing, {len(unexpected)} unexpected). Its {ADAPTER_CONFIG_FILE} "
-            "and config.json must describe the model it was trained on."
-        )
-    model.load_state_dict(non_lora, strict=False)
+        raise ValueError(f"{unfit}: missing {missing[:5]}, unexpected {unexpected[:5]} ({len(missing)} missing, "
+                         f"{len(unexpected)} unexpected).")
+    try:
+        model.load_state_dict(non_lora, strict=False)
+    except RuntimeError as err:
+        raise ValueError(f"{unfit}: {_first_mismatches(err)}") from None
     return set(non_lora)
+
+
+def _first_mismatches(err: RuntimeError, shown: int = 2) -> str:
+    """torch's load_state_dict error, which lists every mismatched tensor on a line, shortened."""
+    lines = [line.strip() for line in str(err).splitlines()[1:]]
+    more = f" (and {len(lines) - shown} more)" if len(lines) > shown else ""
+    return "; ".join(lines[:shown]) + more
