@@ -22,13 +22,10 @@ from moellava.demo.run import REPO_DIR, script_environment
 from moellava.model import lora
 from moellava.model.builder import load_pretrained_model
 from moellava.model.moe import EXPERT_INFIX
+from test_resume import LLAMA, TOWER  # the tiny LLM and tower of the full-training resume tests
 
 pytestmark = pytest.mark.slow
 
-TOWER = models.TowerSize(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2)
-LLAMA = models.LlamaSize(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         max_position_embeddings=256)
 STEPS = 6
 LORA_ENV = {"LORA": "1", "LORA_R": "8", "LORA_ALPHA": "16", "LORA_DROPOUT": "0.0", "PROJECTOR_LR": "1e-3"}
 # The MoE merge runs under the original's script name (an alias of merge_lora_weights.py).
