@@ -17,6 +17,10 @@
 #   BF16 TF32 GRAD_CKPT                  True/False (CPU runs need BF16=False TF32=False)
 #   EPOCHS MAX_STEPS MAX_LEN WARMUP LOG_STEPS SAVE_STEPS SAVE_TOTAL WORKERS REPORT_TO CACHE_DIR SEED
 #   EXTRA_ARGS        appended verbatim to the train.py arguments (word-split)
+#   LORA=1            stages 2 and 3: train LoRA adapters instead of the LLM's weights (docs/LORA.md), with LLaVA's
+#                     finetune_lora values: LORA_R 128, LORA_ALPHA 256, LORA_DROPOUT 0.05, PROJECTOR_LR 2e-5 (the
+#                     projector's --mm_projector_lr), LR 2e-4; LORA_TARGET: the adapted Linears (default: the
+#                     family's attention and FFN Linears). The output folders get a -lora suffix.
 
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
@@ -82,6 +86,18 @@ COMMON_ARGS=(
 )
 if [[ -n "$DEEPSPEED_CONFIG" ]]; then
     COMMON_ARGS+=(--deepspeed "$DEEPSPEED_CONFIG")
+fi
+
+# The LoRA flags of stages 2 and 3 (LLaVA's scripts/v1_5/finetune_lora.sh values); LORA_SUFFIX names their outputs.
+LORA="${LORA:-0}"
+LORA_ARGS=()
+LORA_SUFFIX=""
+if [[ "$LORA" != 0 ]]; then
+    LORA_ARGS=(--lora_enable True --lora_r "${LORA_R:-128}" --lora_alpha "${LORA_ALPHA:-256}"
+               --lora_dropout "${LORA_DROPOUT:-0.05}" --mm_projector_lr "${PROJECTOR_LR:-2e-5}")
+    # shellcheck disable=SC2206
+    [[ -n "${LORA_TARGET:-}" ]] && LORA_ARGS+=(--lora_target $LORA_TARGET)
+    LORA_SUFFIX="-lora"
 fi
 
 # launch ARGS...: print the command, then replace this shell with it (or stop there with DRY_RUN=1).

@@ -12,6 +12,10 @@
 # EXTRA_ARGS, DRY_RUN...).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+if [[ "$LORA" != 0 ]]; then
+    echo "LORA=$LORA: stage 1 trains only the projector, LoRA is for stages 2 and 3 (unset LORA here)." >&2
+    exit 2
+fi
 
 MODEL="${MODEL:-$RECIPE_MODEL}"
 IMAGE_TOWER="${IMAGE_TOWER:-openai/clip-vit-large-patch14-336}"

@@ -9,7 +9,8 @@
 #   DATA_PATH         JSON file(s), space-separated                 default the Hybrid-FT files under ft_json/
 #   IMAGE_FOLDER                                                    default train_image_video
 #   OUTPUT_DIR                                                      default ./checkpoints/$RUN_NAME-finetune
-#   BATCH GRAD_ACC LR SAVE_STEPS WORKERS                            default 8 2 2e-5 50000 4
+#                                                                   (LORA=1: ...-finetune-lora)
+#   BATCH GRAD_ACC LR SAVE_STEPS WORKERS                            default 8 2 2e-5 50000 4 (LORA=1: LR 2e-4)
 # plus the shared variables of scripts/common.sh (FAMILY, RUN_NAME, NUM_GPUS, DEEPSPEED_CONFIG, IMAGE_TOWER, BF16,
 # EXTRA_ARGS, DRY_RUN...).
 set -euo pipefail
@@ -23,10 +24,10 @@ VERSION="${VERSION:-$RECIPE_VERSION}"
 PRETRAIN_ADAPTER="${PRETRAIN_ADAPTER-./checkpoints/$RUN_NAME-pretrain/mm_projector.bin}"
 DATA_PATH="${DATA_PATH:-ft_json/la_tune_256k.json ft_json/lrv_tune_331k.json ft_json/lvis_tune_220k_.json ft_json/svit_tune_157k.json ft_json/nlp_tune.json}"
 IMAGE_FOLDER="${IMAGE_FOLDER:-train_image_video}"
-OUTPUT_DIR="${OUTPUT_DIR:-./checkpoints/$RUN_NAME-finetune}"
+OUTPUT_DIR="${OUTPUT_DIR:-./checkpoints/$RUN_NAME-finetune$LORA_SUFFIX}"
 BATCH="${BATCH:-8}"
 GRAD_ACC="${GRAD_ACC:-2}"
-LR="${LR:-2e-5}"
+if [[ "$LORA" != 0 ]]; then LR="${LR:-2e-4}"; else LR="${LR:-2e-5}"; fi
 SAVE_STEPS="${SAVE_STEPS:-50000}"
 WORKERS="${WORKERS:-4}"
 
@@ -50,4 +51,5 @@ launch \
     --learning_rate "$LR" \
     --save_steps "$SAVE_STEPS" \
     --dataloader_num_workers "$WORKERS" \
+    "${LORA_ARGS[@]}" \
     "${COMMON_ARGS[@]}"

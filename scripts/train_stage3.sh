@@ -9,10 +9,13 @@
 #   DATA_PATH      JSON file(s), space-separated                 default ft_json/llava_image_tune_.json ft_json/nlp_tune.json
 #   IMAGE_FOLDER                                                 default train_image_video
 #   OUTPUT_DIR                                                   default ./checkpoints/$RUN_NAME-finetune-moe
+#                                                                (LORA=1: ...-finetune-moe-lora; every expert gets
+#                                                                its own adapter, the routers train in full)
 #   MOE_MODE NUM_EXPERTS TOP_K CAPACITY_FACTOR USE_RESIDUAL AUX_COEF EP_SIZE
 #                                                                default sparse 4 2 1.5 False 0.01 1
 #   TRAIN_MODULES  parameter-name substrings that train          default: the family's FFN names + wg
-#   BATCH GRAD_ACC LR SAVE_STEPS WORKERS                         default 8 2 2e-5 24000 4 (openchat: 4 4 ...)
+#   BATCH GRAD_ACC LR SAVE_STEPS WORKERS                         default 8 2 2e-5 24000 4 (openchat: 4 4 ...;
+#                                                                LORA=1: LR 2e-4)
 # plus the shared variables of scripts/common.sh (FAMILY, RUN_NAME, NUM_GPUS, DEEPSPEED_CONFIG, IMAGE_TOWER, BF16,
 # EXTRA_ARGS, DRY_RUN...).
 set -euo pipefail
@@ -22,7 +25,7 @@ MODEL="${MODEL:-./checkpoints/$RUN_NAME-finetune}"
 VERSION="${VERSION:-$RECIPE_VERSION}"
 DATA_PATH="${DATA_PATH:-ft_json/llava_image_tune_.json ft_json/nlp_tune.json}"
 IMAGE_FOLDER="${IMAGE_FOLDER:-train_image_video}"
-OUTPUT_DIR="${OUTPUT_DIR:-./checkpoints/$RUN_NAME-finetune-moe}"
+OUTPUT_DIR="${OUTPUT_DIR:-./checkpoints/$RUN_NAME-finetune-moe$LORA_SUFFIX}"
 MOE_MODE="${MOE_MODE:-sparse}"
 NUM_EXPERTS="${NUM_EXPERTS:-4}"
 TOP_K="${TOP_K:-2}"
@@ -33,7 +36,7 @@ EP_SIZE="${EP_SIZE:-1}"
 TRAIN_MODULES="${TRAIN_MODULES:-}"
 BATCH="${BATCH:-$RECIPE_MOE_BATCH}"
 GRAD_ACC="${GRAD_ACC:-$RECIPE_MOE_GRAD_ACC}"
-LR="${LR:-2e-5}"
+if [[ "$LORA" != 0 ]]; then LR="${LR:-2e-4}"; else LR="${LR:-2e-5}"; fi
 SAVE_STEPS="${SAVE_STEPS:-24000}"
 WORKERS="${WORKERS:-4}"
 
@@ -66,4 +69,5 @@ launch \
     --learning_rate "$LR" \
     --save_steps "$SAVE_STEPS" \
     --dataloader_num_workers "$WORKERS" \
+    "${LORA_ARGS[@]}" \
     "${COMMON_ARGS[@]}"

@@ -102,3 +102,17 @@ def test_without_dry_run_the_printed_command_runs():
     result = dry_run(1, FAMILY="qwen", DRY_RUN="0")
     assert result.returncode == 127 and "deepspeed" in result.stderr
     assert result.stdout.splitlines()[1].startswith("+ deepspeed ")
+
+
+def test_lora_recipe_is_llavas_finetune_lora():
+    stage2, stage3 = command(2, LORA="1"), command(3, LORA="1", LORA_TARGET="q_proj v_proj fc1 fc2")
+    for stage in (stage2, stage3):
+        assert (stage["--lora_enable"], stage["--lora_r"], stage["--lora_alpha"]) == ("True", "128", "256")
+        assert (stage["--mm_projector_lr"], stage["--learning_rate"], stage["--lora_dropout"]) == ("2e-5", "2e-4", "0.05")
+    assert stage2["--output_dir"] == "./checkpoints/llavaphi-2.7b-finetune-lora" and "--lora_target" not in stage2
+    assert stage3["--output_dir"] == "./checkpoints/llavaphi-2.7b-finetune-moe-lora"
+    assert stage3["--model_name_or_path"] == "./checkpoints/llavaphi-2.7b-finetune"
+    assert stage3["--lora_target"] == "q_proj v_proj fc1 fc2" and "--train_modules" not in stage3
+    assert "--lora_enable" not in command(2) and command(2, LORA="1", LR="1e-4")["--learning_rate"] == "1e-4"
+    result = dry_run(1, LORA="1")
+    assert result.returncode == 2 and "stage 1 trains only the projector, LoRA is for stages 2 and 3" in result.stderr

@@ -1,7 +1,9 @@
 """`load_pretrained_model`: a LLaVA / MoE-LLaVA checkpoint for inference, chosen by `config.model_type`
 (never by folder name), on CPU or GPU, with MoE layers on the native backend by default (no `deepspeed`
-launcher, no process group)."""
+launcher, no process group). A LoRA checkpoint is recognised by its adapter_config.json and loaded over
+its base model (`_load_lora_checkpoint`), merged or not."""
 
+import copy
 import logging
 import os
 from typing import Dict, Optional, Tuple, Union
@@ -13,7 +15,9 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGH
 
 import moellava.model  # noqa: F401  (registers the llava_* / moe_llava_* model types)
 from moellava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
+from moellava.model import lora
 from moellava.model.checkpoint_layouts import declared_config, load_checkpoint
+from moellava.model.moe import router_parameter_names
 from moellava.model.moe_model import has_moe_layers, set_moe_backend
 from moellava.tokenization import FAMILIES, family_for_model_type, load_tokenizer
 
@@ -85,9 +89,12 @@ def load_pretrained_model(
     device: default "cuda" when a GPU is visible, else "cpu".
     padding_side: where the tokenizer pads, and where the image splicing re-pads a batch
       (`config.tokenizer_padding_side`); batched generation needs "left".
-    merge: for LoRA checkpoints; unused until LoRA training lands.
     torch_dtype: default float32 on CPU, float16 on GPU.
     moe_backend: "native" (default, any single process) or "deepspeed" (needs deepspeed.init_distributed()).
+    merge: a LoRA checkpoint (adapter_config.json; stage 2 or 3 with --lora_enable) loads over `model_base`,
+      else over the base recorded in its adapter_config.json; `merge=True` merges the adapters into the
+      weights (a plain model, as scripts/merge_lora_weights.py saves), `merge=False` keeps them as peft LoRA
+      layers.
     """
     if kwargs:
         raise ValueError(
@@ -117,7 +124,8 @@ def load_pretrained_model(
         set_moe_backend(config, moe_backend)
     config.tokenizer_padding_side = padding_side
 
-    if model_base is not None:
+    lora_checkpoint = lora.is_lora_checkpoint(model_path)
+    if model_base is not None and not lora_checkpoint:
         projector_file = os.path.join(model_path, PROJECTOR_FILE)
         if not os.path.isfile(projector_file):
             raise ValueError(
@@ -127,9 +135,11 @@ def load_pretrained_model(
         weights_path, tokenizer_path = model_base, model_base
     else:
         projector_file, weights_path, tokenizer_path = None, model_path, model_path
-
-    model = load_checkpoint(AutoModelForCausalLM, weights_path, config, torch_dtype=dtype,
-                            projector_file=projector_file, config_path=model_path)
+    if lora_checkpoint:
+        model, tokenizer_path = _load_lora_checkpoint(model_path, model_base, config, dtype, merge=merge)
+    else:
+        model = load_checkpoint(AutoModelForCausalLM, weights_path, config, torch_dtype=dtype,
+                                projector_file=projector_file, config_path=model_path)
     tokenizer = load_tokenizer(tokenizer_path, family=family_for_model_type(model_type), padding_side=padding_side)
     _add_vision_tokens(model, tokenizer)
     _default_end_of_answer(model, tokenizer)
@@ -158,6 +168,44 @@ def resolve_device(device_map: Union[None, str, dict], device: Optional[str]) ->
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r}, but no CUDA GPU is visible here: use device='cpu'.")
     return device
+
+
+def _load_lora_checkpoint(model_path: str, model_base: Optional[str], config, dtype: torch.dtype, *,
+                          merge: bool) -> Tuple[torch.nn.Module, str]:
+    """The model of a LoRA checkpoint's `config` over its base, with the adapters and the other trained
+    tensors of `model_path`, merged into the weights when `merge`. Returns `(model, tokenizer folder)`.
+
+    The base is `model_base`, else adapter_config.json's `base_model_name_or_path`. A MoE checkpoint whose
+    base is dense (stage 3 from a stage-2 model) is upcycled again, as in training: its experts start as
+    exact copies of the base FFNs, its routers come from the checkpoint."""
+    recorded = lora.read_lora_config(model_path).base_model_name_or_path
+    base = model_base or recorded
+    if not base:
+        raise ValueError(f"{model_path}/{lora.ADAPTER_CONFIG_FILE} records no base model: pass --model-base "
+                         "(model_base=...), the model the LoRA run started from.")
+    if not os.path.isdir(base) and (os.path.isabs(base) or base.startswith(".")):
+        source = "--model-base" if model_base else f"{model_path}/{lora.ADAPTER_CONFIG_FILE}"
+        raise ValueError(f"The base model {base} (from {source}) does not exist: pass --model-base <the folder the "
+                         "LoRA run started from> (model_base=...).")
+    upcycled = has_moe_layers(config) and not has_moe_layers(load_config(base))
+    build_config = copy.deepcopy(config)
+    if upcycled:
+        build_config.moe = None
+    saved = lora.non_lora_names(model_path)
+    model = load_checkpoint(AutoModelForCausalLM, base, build_config, torch_dtype=dtype, config_path=model_path,
+                            provided=saved)
+    if upcycled:
+        model.initialize_moe_modules(config.moe)
+        unsaved = sorted(set(router_parameter_names(model)) - saved)
+        if unsaved:
+            raise ValueError(f"{model_path}/{lora.NON_LORA_FILE} lacks the routers of its MoE layers ({unsaved[:4]} "
+                             "...): the LoRA checkpoint is incomplete. Save it again from training.")
+    lora.add_lora(model, lora.read_lora_config(model_path))
+    lora.load_lora_weights(model, model_path)
+    if merge:
+        model = lora.merge_lora(model)
+    has_tokenizer = os.path.isfile(os.path.join(model_path, "tokenizer_config.json"))
+    return model, model_path if has_tokenizer else base
 
 
 def has_weights(folder: str) -> bool:

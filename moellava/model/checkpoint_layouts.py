@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import re
-from typing import FrozenSet, Optional
+from typing import Collection, FrozenSet, Optional
 
 import torch
 from safetensors import safe_open
@@ -159,12 +159,15 @@ def apply_tower_source_rule(config, stored: Optional[FrozenSet[str]], image_towe
 
 def load_checkpoint(model_class, weights_path: str, config, *, torch_dtype: torch.dtype,
                     cache_dir: Optional[str] = None, image_tower: Optional[str] = None,
-                    projector_file: Optional[str] = None, config_path: Optional[str] = None):
+                    projector_file: Optional[str] = None, config_path: Optional[str] = None,
+                    provided: Collection[str] = ()):
     """`model_class.from_pretrained(weights_path, config=config)` with the layout rules applied, every gap
     filled or refused: returns the model.
 
     `config_path`: the folder `config` was read from when it is not `weights_path` (a Stage-1 output over a
-    base LLM, whose projector comes from `projector_file`). `image_tower`: training's `--image_tower`.
+    base LLM, whose projector comes from `projector_file`; a LoRA checkpoint over its base model).
+    `image_tower`: training's `--image_tower`. `provided`: weights the caller loads next (a LoRA checkpoint's
+    other trained tensors), so not a gap.
     """
     stored = stored_tensor_names(weights_path, cache_dir)
     apply_phi_head_rule(config, declared_config(config_path or weights_path, cache_dir), stored)
@@ -192,7 +195,8 @@ def load_checkpoint(model_class, weights_path: str, config, *, torch_dtype: torc
             f"{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)} tensors): its config.json does not "
             "describe the checkpoint (e.g. a MoE checkpoint without its `moe` settings). Re-save it from training."
         )
-    complete_missing_weights(model, info["missing_keys"], projector_file, weights_path, cache_dir)
+    missing = [key for key in info["missing_keys"] if key not in provided]
+    complete_missing_weights(model, missing, projector_file, weights_path, cache_dir)
     return model
 
 

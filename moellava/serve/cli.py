@@ -250,7 +250,9 @@ def generate_replies(sessions: Sequence[ChatSession], *, temperature: float, top
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that choose and load the checkpoint (the CLI's and the web demo's)."""
     parser.add_argument("--model-path", required=True, help="checkpoint folder (or Stage-1 folder with --model-base)")
-    parser.add_argument("--model-base", default=None, help="base LLM folder under a Stage-1 output")
+    parser.add_argument("--model-base", default=None,
+                        help="base LLM folder under a Stage-1 output, or the base of a LoRA checkpoint (default: "
+                             "the one its adapter_config.json records)")
     parser.add_argument("--conv-mode", default=None, help="conversation template (default: the checkpoint's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],

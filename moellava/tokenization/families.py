@@ -25,6 +25,8 @@ class TokenizerFamily:
     name: str
     version: str  # default conversation template (`--version`) for stages 2 and 3
     train_modules: Tuple[str, ...]  # default MoE `--train_modules` (FFN weight names + router `wg`)
+    # default `--lora_target`: the decoder layers' attention and FFN Linear names (experts' FFNs included)
+    lora_target: Tuple[str, ...]
     model_types: Tuple[str, ...]  # config.json model_type values that belong to this family
     tokenizer_classes: Tuple[str, ...]  # tokenizer classes that indicate this family
     # Special tokens set through `tokenizer.add_special_tokens` (may append a new token to the vocabulary).
@@ -34,12 +36,14 @@ class TokenizerFamily:
 
 
 _LLAMA_FFN = ("gate_proj", "up_proj", "down_proj", "wg")
+_LLAMA_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 FAMILIES: Dict[str, TokenizerFamily] = {
     "llama": TokenizerFamily(
         name="llama",
         version="v1",
         train_modules=_LLAMA_FFN,
+        lora_target=_LLAMA_LORA,
         model_types=("llama", "llava_llama", "moe_llava_llama"),
         tokenizer_classes=("LlamaTokenizer",),
     ),
@@ -47,6 +51,7 @@ FAMILIES: Dict[str, TokenizerFamily] = {
         name="mistral",
         version="mistral",
         train_modules=_LLAMA_FFN,
+        lora_target=_LLAMA_LORA,
         model_types=("mistral", "llava_mistral", "moe_llava_mistral"),
         tokenizer_classes=(),  # Mistral ships a LlamaTokenizer; only its model_type tells it apart
     ),
@@ -54,6 +59,7 @@ FAMILIES: Dict[str, TokenizerFamily] = {
         name="qwen",
         version="qwen",
         train_modules=("mlp.w1", "mlp.w2", "mlp.c_proj", "wg"),  # plain "c_proj" would also train attn.c_proj
+        lora_target=("c_attn", "c_proj", "w1", "w2"),  # attn.c_attn and attn.c_proj, mlp.w1, mlp.w2, mlp.c_proj
         model_types=("qwen", "llava_qwen", "moe_llava_qwen"),
         tokenizer_classes=("QWenTokenizer",),
         add_special_tokens={"unk_token": "<|extra_0|>", "eos_token": "<|endoftext|>"},
@@ -62,6 +68,7 @@ FAMILIES: Dict[str, TokenizerFamily] = {
         name="phi",
         version="phi",
         train_modules=("fc1", "fc2", "wg"),
+        lora_target=("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"),
         model_types=("phi", "llava_phi", "moe_llava_phi"),
         tokenizer_classes=("CodeGenTokenizer",),
         add_special_tokens={"unk_token": "<|extra_0|>"},
@@ -70,6 +77,7 @@ FAMILIES: Dict[str, TokenizerFamily] = {
         name="stablelm",
         version="stablelm",
         train_modules=_LLAMA_FFN,
+        lora_target=_LLAMA_LORA,
         model_types=("stablelm", "stablelm_epoch", "llava_stablelm", "moe_llava_stablelm"),
         tokenizer_classes=("Arcade100kTokenizer",),
         assign_special_tokens={"unk_token": "<|reg0|>"},

@@ -9,8 +9,11 @@ work or disagreed with every shipped recipe:
   selected layer and feature) default to the checkpoint's own, else to -2 / patch / linear;
 - `--mm_use_im_patch_token` defaults to False (every recipe passes False);
 - choices are enforced by the parser (`Literal` fields), not only documented.
-LoRA / k-bit quantisation and video arguments of the original are not offered: this project does not
-implement those paths, and a flag that does nothing would mislead.
+- the LoRA flags (`--lora_enable` and its settings, spec 3.3) work for stages 2 and 3, MoE experts included
+  (docs/LORA.md); `--lora_target` is new and defaults to the family's attention and FFN Linears;
+  `--lora_weight_path` starts the adapters from a LoRA checkpoint (the original declared it unused).
+k-bit quantisation and video arguments of the original are not offered: this project does not implement
+those paths, and a flag that does nothing would mislead.
 """
 
 import json
@@ -167,6 +170,30 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "Batch image and text-only samples separately, grouped by length."},
     )
 
+    # LoRA (stages 2 and 3): adapters on the LLM's Linears; the base weights stay frozen.
+    lora_enable: bool = field(
+        default=False,
+        metadata={"help": "Train LoRA adapters on the LLM (and on every expert in stage 3) instead of its "
+                  "weights; the projector and the MoE routers still train in full."},
+    )
+    lora_r: int = field(default=128, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=256, metadata={"help": "LoRA scaling numerator (the update is alpha/r * B A)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_bias: Literal["none", "all", "lora_only"] = field(
+        default="none",
+        metadata={"help": "Biases that train and are saved with the adapter: none, all, or those of adapted Linears."},
+    )
+    lora_target: Optional[List[str]] = field(
+        default=None,
+        metadata={"help": "Linears of the LLM's decoder layers that get adapters (names or dotted tails, e.g. "
+                  "q_proj v_proj or mlp.w1). Default: the family's attention and FFN Linears (experts included)."},
+    )
+    lora_weight_path: str = field(
+        default="",
+        metadata={"help": "A LoRA checkpoint folder (adapter_config.json ...) to start the adapters and the other "
+                  "trained tensors from; its LoRA settings must be this run's."},
+    )
+
 
 def deepspeed_zero_stage(deepspeed_config) -> Optional[int]:
     """The ZeRO stage of a `--deepspeed` value (a JSON path or a dict), None without DeepSpeed."""
@@ -227,5 +254,41 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
             "(scripts/train_stage1.sh writes <its OUTPUT_DIR>/mm_projector.bin), or leave it out to start the "
             "projector from scratch."
         )
+    check_lora_arguments(model_args, training_args)
     if training_args.model_max_length < 1:
         raise ValueError(f"--model_max_length must be positive, got {training_args.model_max_length}.")
+
+
+def check_lora_arguments(model_args: ModelArguments, training_args: TrainingArguments) -> None:
+    """The LoRA flags against each other and against the stage; each error names the fix."""
+    if not training_args.lora_enable:
+        given = [flag for flag, value in (("--lora_target", training_args.lora_target),
+                                          ("--lora_weight_path", training_args.lora_weight_path)) if value]
+        if given:
+            raise ValueError(f"{' and '.join(given)} only apply to LoRA training: add --lora_enable True.")
+        return
+    conflicts = [
+        (model_args.tune_mm_mlp_adapter, "--tune_mm_mlp_adapter (stage 1 trains only the projector; LoRA is for "
+                                         "stages 2 and 3)"),
+        (model_args.freeze_backbone, "--freeze_backbone (it would freeze the adapters too)"),
+        (model_args.train_modules, "--train_modules (with LoRA the experts train through their adapters and the "
+                                   "routers in full; choose the adapted Linears with --lora_target)"),
+        (model_args.ep_size > 1, f"--ep_size {model_args.ep_size} (expert-parallel LoRA is not supported yet; use "
+                                 "--ep_size 1, which data-parallel training still spreads over every GPU)"),
+        (model_args.mm_use_im_start_end or model_args.mm_use_im_patch_token,
+         "--mm_use_im_start_end / --mm_use_im_patch_token True (new token rows would need the embeddings to train, "
+         "which LoRA keeps frozen; every recipe passes False)"),
+    ]
+    for conflict, flag in conflicts:
+        if conflict:
+            raise ValueError(f"--lora_enable True cannot be combined with {flag}.")
+    if training_args.lora_r < 1:
+        raise ValueError(f"--lora_r must be at least 1, got {training_args.lora_r}.")
+    if not 0.0 <= training_args.lora_dropout < 1.0:
+        raise ValueError(f"--lora_dropout must be in [0, 1), got {training_args.lora_dropout}.")
+    path = training_args.lora_weight_path
+    if path and not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise ValueError(
+            f"--lora_weight_path {path}: no adapter_config.json there. Pass a LoRA checkpoint folder written by "
+            "LoRA training (its output_dir or one of its checkpoint-N folders)."
+        )

@@ -12,6 +12,8 @@
   as per-expert scalars); recording them costs a few tensor additions per step, no device sync;
 - Stage 1 (`--tune_mm_mlp_adapter`) saves only the projector, in checkpoints too; those checkpoints still
   hold the optimizer, scheduler and RNG states and resume;
+- a model with LoRA adapters (`--lora_enable`) saves, in checkpoints too, the adapter and the other trained
+  tensors (`moellava.model.lora`) instead of the full weights, and resumes from them;
 - skipped bad samples (`--skip_bad_samples`) reported at the end and kept in every checkpoint;
 - expert-parallel MoE weights gathered before saving, so checkpoints load on one process;
 - checkpoints that are complete or ignored (`checkpointing`): a completion marker written last, by rank 0
@@ -26,9 +28,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import RandomSampler, Sampler
 from transformers import Trainer
-from transformers.trainer import SCHEDULER_NAME
+from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
+from moellava.model import lora
 from moellava.model.moe import load_balance, moe_blocks
 from moellava.train import checkpointing
 from moellava.train.dataset import SkipReport
@@ -306,6 +309,8 @@ class LLaVATrainer(Trainer):
         super().save_model(output_dir, _internal_call)
 
     def _save(self, output_dir: Optional[str] = None, state_dict=None):
+        if lora.has_lora(self.model):
+            return self._save_lora(output_dir or self.args.output_dir, state_dict)
         if self.projector_only_keys is None:
             return super()._save(output_dir, state_dict=state_dict)
         # Stage 1: only the projector is trained, so only the projector is written.
@@ -317,6 +322,13 @@ class LLaVATrainer(Trainer):
         torch.save(projector, os.path.join(output_dir, PROJECTOR_FILE))
         self.model.config.save_pretrained(output_dir)
         logger.info("Saved the projector (%d tensors) to %s", len(projector), output_dir)
+
+    def _save_lora(self, output_dir: str, state_dict) -> None:
+        # `state_dict` is what DeepSpeed gathered, when it did; the model's own otherwise.
+        lora.save_lora_checkpoint(self.model, output_dir, state_dict)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _hf_scheduler_under_deepspeed(self) -> bool:
         """With DeepSpeed and the Trainer's own LR scheduler (no "scheduler" in the DeepSpeed config), neither
@@ -369,6 +381,14 @@ class LLaVATrainer(Trainer):
             self.skip_report.load(report)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        model = model or self.model
+        if lora.has_lora(model):
+            return self._load_lora(resume_from_checkpoint, model)
+        if lora.is_lora_checkpoint(resume_from_checkpoint):
+            raise ValueError(
+                f"{resume_from_checkpoint} is a checkpoint of a LoRA run (adapters only), and this run trains "
+                "without LoRA: resume with --lora_enable True and the LoRA settings of the run that wrote it."
+            )
         if self.projector_only_keys is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
         path = os.path.join(resume_from_checkpoint, PROJECTOR_FILE)
@@ -378,7 +398,6 @@ class LLaVATrainer(Trainer):
                 "use a different --output_dir."
             )
         state = torch.load(path, map_location="cpu", weights_only=True)
-        model = model or self.model
         expected = {key for key in model.state_dict() if any(part in key for part in self.projector_only_keys)}
         result = model.load_state_dict(state, strict=False)
         if result.unexpected_keys or expected - set(state):
@@ -387,6 +406,23 @@ class LLaVATrainer(Trainer):
                 f"{sorted(expected - set(state))}. Resume with the arguments of the run that wrote it."
             )
         logger.info("Resumed the projector from %s", path)
+
+    def _load_lora(self, checkpoint: str, model) -> None:
+        """Resume the adapters and the other trained tensors (the frozen weights are the base's, unchanged)."""
+        if not lora.is_lora_checkpoint(checkpoint):
+            raise ValueError(
+                f"{checkpoint} has no {lora.ADAPTER_CONFIG_FILE}: it is not a checkpoint of a LoRA run. Resume with "
+                "the arguments of the run that wrote it, or use a different --output_dir."
+            )
+        loaded = lora.load_lora_weights(model, checkpoint)
+        expected = set(lora.split_lora_state(model, model.state_dict())[1])
+        if loaded != expected:
+            raise ValueError(
+                f"{checkpoint}/{lora.NON_LORA_FILE} holds {sorted(loaded - expected)[:5]} and lacks "
+                f"{sorted(expected - loaded)[:5]} of what this run trains: resume with the arguments of the run "
+                "that wrote it."
+            )
+        logger.info("Resumed the LoRA adapters and %d other trained tensors from %s", len(loaded), checkpoint)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)

@@ -5,6 +5,9 @@ Stage 1 (`--version plain --tune_mm_mlp_adapter True`): only the projector train
 Stage 2 (`--pretrain_mm_mlp_adapter .../mm_projector.bin`): the LLM and the projector train.
 Stage 3 (`--moe_enable True`): the stage-2 model's FFNs are upcycled into MoE layers; the parameters named
 by `--train_modules`, the routers and the projector train.
+`--lora_enable True` (stages 2 and 3): LoRA adapters on the LLM's Linears (in stage 3 after upcycling, so
+every expert gets its own) train instead of the LLM's weights; the projector and the routers train in full.
+The output is then a LoRA checkpoint (docs/LORA.md) that `load_pretrained_model` loads over its base model.
 A run whose `--output_dir` holds `checkpoint-*` folders resumes from the last one. The final output of
 stages 2 and 3 is a Hugging Face checkpoint (safetensors, config with `conv_template`, tokenizer) that
 `moellava.model.builder.load_pretrained_model(output_dir)` loads with no other argument.
@@ -24,9 +27,10 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 import moellava.model  # noqa: F401  (registers the llava_* / moe_llava_* model types)
 from moellava import conversation as conversation_lib
 from moellava.errors import run_main
+from moellava.model import lora
 from moellava.model.builder import is_stage1_output, load_config
 from moellava.model.checkpoint_layouts import load_checkpoint
-from moellava.model.moe import build_moe_settings, freeze_for_moe_training
+from moellava.model.moe import build_moe_settings, freeze_for_moe_training, moe_blocks, router_parameter_names
 from moellava.model.moe_model import has_moe_layers
 from moellava.tokenization import family_for_model_type, get_family, load_tokenizer
 from moellava.train import checkpointing
@@ -95,7 +99,9 @@ def requested_moe_settings(num_layers: int, model_args: ModelArguments, training
         use_residual=model_args.use_residual,
         router_aux_loss_coef=model_args.router_aux_loss_coef,
         ep_size=model_args.ep_size,
-        train_modules=model_args.train_modules or list(get_family(family).train_modules),
+        # With LoRA the experts train through their adapters: only the routers train in full.
+        train_modules=model_args.train_modules or (["wg"] if training_args.lora_enable
+                                                   else list(get_family(family).train_modules)),
         backend=resolve_moe_backend(model_args.moe_backend, training_args, model_args.ep_size),
         drop_tokens=resolve_drop_tokens(model_args),
     )
@@ -137,6 +143,12 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments):
         raise ValueError(
             f"{path} is a Stage-1 output (only {PROJECTOR_FILE}): pass the base LLM as --model_name_or_path and "
             f"--pretrain_mm_mlp_adapter {os.path.join(path, PROJECTOR_FILE)}."
+        )
+    if lora.is_lora_checkpoint(path):
+        raise ValueError(
+            f"{path} is a LoRA checkpoint (adapters over its base model): merge it into a full checkpoint first, "
+            f"python scripts/merge_lora_weights.py --model-path {path} --save-model-path {path.rstrip('/')}-merged, "
+            "and pass that folder as --model_name_or_path."
         )
     config = load_config(path, cache_dir=training_args.cache_dir)
     already_moe = has_moe_layers(config)
@@ -189,12 +201,52 @@ def vision_arguments(model_args: ModelArguments, config) -> Optional[ModelArgume
     )
 
 
+def add_lora_adapters(model, model_args: ModelArguments, training_args: TrainingArguments, family: str) -> None:
+    """`--lora_enable`: adapters on the LLM's Linears of `--lora_target` (default: the family's attention and
+    FFN Linears), after upcycling so that every expert has its own; started from `--lora_weight_path`."""
+    base = model_args.model_name_or_path
+    config = lora.make_lora_config(
+        model,
+        r=training_args.lora_r,
+        alpha=training_args.lora_alpha,
+        dropout=training_args.lora_dropout,
+        bias=training_args.lora_bias,
+        targets=training_args.lora_target or list(get_family(family).lora_target),
+        base_model_name_or_path=os.path.abspath(base) if os.path.isdir(base) else base,
+    )
+    lora.add_lora(model, config)
+    bare = [block.layer_idx for block in moe_blocks(model)
+            if not all(lora.has_lora(expert) for expert in block.deepspeed_moe.experts.deepspeed_experts)]
+    if bare:
+        raise ValueError(
+            f"--lora_target {' '.join(training_args.lora_target or [])} adapts no FFN Linear of the experts of MoE "
+            f"layers {bare}: they would stay identical copies of the dense FFN. Add the FFN names (the family "
+            f"default is {' '.join(get_family(family).lora_target)})."
+        )
+    start = training_args.lora_weight_path
+    if start:
+        saved = lora.read_lora_config(start)
+        for key in ("r", "lora_alpha", "bias"):
+            if getattr(saved, key) != getattr(config, key):
+                raise ValueError(f"--lora_weight_path {start} has {key}={getattr(saved, key)!r}, this run "
+                                 f"{getattr(config, key)!r}: pass the same LoRA settings.")
+        if saved.target_modules != config.target_modules:
+            raise ValueError(f"--lora_weight_path {start} adapts the Linears {saved.target_modules!r}, this run "
+                             f"{config.target_modules!r}: pass the same --lora_target (and model).")
+        lora.load_lora_weights(model, start)
+        logger.info("LoRA adapters started from %s", start)
+
+
 def set_trainable(model, model_args: ModelArguments, training_args: TrainingArguments,
                   train_modules: Optional[Sequence[str]]) -> None:
     """Which parameters train in this stage (after every module, new token rows included, exists)."""
     inner = model.get_model()
     projector = getattr(inner, "mm_projector", None)
-    if model_args.moe_enable:
+    if lora.has_lora(model):
+        # peft froze everything but the adapters; what upcycling created trains in full.
+        for name in router_parameter_names(model):
+            model.get_parameter(name).requires_grad_(True)
+    elif model_args.moe_enable:
         freeze_for_moe_training(model, train_modules)
     if model_args.tune_mm_mlp_adapter:
         model.requires_grad_(False)
@@ -289,6 +341,8 @@ def train(argv: Optional[Sequence[str]] = None) -> None:
     elif model_args.tune_mm_mlp_adapter or model_args.pretrain_mm_mlp_adapter:
         raise ValueError("The projector flags need an image tower: pass --image_tower.")
 
+    if training_args.lora_enable:
+        add_lora_adapters(model, model_args, training_args, family)
     set_trainable(model, model_args, training_args, train_modules)
     if training_args.gradient_checkpointing:
         # Frozen embeddings would give checkpointed layers inputs without grad, and no gradient at all.

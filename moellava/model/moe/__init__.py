@@ -2,10 +2,11 @@
 
 from .layer import MoEBlock
 from .settings import MOE_MODES, build_moe_settings, resolve_moe_layers_idx
-from .upcycle import convert_layers_to_moe, freeze_for_moe_training
+from .upcycle import EXPERT_INFIX, convert_layers_to_moe, freeze_for_moe_training, router_parameter_names
 from .utils import aux_loss_total, expert_parallel_state_dict, load_balance, moe_blocks, routing_stats
 
 __all__ = [
+    "EXPERT_INFIX",
     "MOE_MODES",
     "MoEBlock",
     "aux_loss_total",
@@ -16,5 +17,6 @@ __all__ = [
     "load_balance",
     "moe_blocks",
     "resolve_moe_layers_idx",
+    "router_parameter_names",
     "routing_stats",
 ]

@@ -13,7 +13,7 @@ from .settings import BACKENDS, check_train_modules, check_moe_settings
 logger = logging.getLogger(__name__)
 
 # An expert parameter name with this infix removed is the dense FFN name it was copied from.
-_EXPERT_INFIX = re.compile(re.escape(EXPERT_KEY) + r"\d+\.")
+EXPERT_INFIX = re.compile(re.escape(EXPERT_KEY) + r"\d+\.")
 
 
 def convert_layers_to_moe(
@@ -100,6 +100,18 @@ def _check_experts_equal_dense(block: MoEBlock, dense: nn.Module, idx: int) -> N
                 )
 
 
+def router_parameter_names(model: nn.Module) -> List[str]:
+    """The parameters created by upcycling, which always train in full: every MoE block's router (`wg`)
+    and, with `use_residual`, its residual mix (`coefficient`)."""
+    names = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, MoEBlock):
+            names.append(f"{prefix}.deepspeed_moe.gate.wg.weight")
+            if module.use_residual:
+                names.extend(f"{prefix}.coefficient.{name}" for name, _ in module.coefficient.named_parameters())
+    return names
+
+
 def freeze_for_moe_training(model: nn.Module, train_modules: Sequence[str]) -> List[str]:
     """Train only parameters whose name contains one of `train_modules`, plus every router and residual mix.
 
@@ -117,18 +129,13 @@ def freeze_for_moe_training(model: nn.Module, train_modules: Sequence[str]) -> L
             "train_modules is empty, so no expert would train: list the expert FFN module names "
             "(e.g. ['gate_proj', 'up_proj', 'down_proj', 'wg'] for Llama)."
         )
-    always = set()
-    for prefix, module in model.named_modules():
-        if isinstance(module, MoEBlock):
-            always.add(f"{prefix}.deepspeed_moe.gate.wg.weight")
-            if module.use_residual:
-                always.update(f"{prefix}.coefficient.{name}" for name, _ in module.coefficient.named_parameters())
+    always = set(router_parameter_names(model))
     if not always:
         raise ValueError("The model has no MoE layers: call convert_layers_to_moe before freezing for MoE training.")
 
     trainable, expert_names, expert_trains = [], [], False
     for name, param in model.named_parameters():
-        dense_name = _EXPERT_INFIX.sub("", name)
+        dense_name = EXPERT_INFIX.sub("", name)
         train = name in always or any(m in name or m in dense_name for m in modules)
         param.requires_grad_(train)
         if train:
@@ -137,7 +144,7 @@ def freeze_for_moe_training(model: nn.Module, train_modules: Sequence[str]) -> L
             expert_names.append(name)
             expert_trains = expert_trains or train
     if not expert_trains:
-        ffn_names = sorted({_EXPERT_INFIX.split(name)[-1].rsplit(".", 1)[0] for name in expert_names})
+        ffn_names = sorted({EXPERT_INFIX.split(name)[-1].rsplit(".", 1)[0] for name in expert_names})
         raise ValueError(
             f"train_modules={modules} matches no expert parameter, so the experts would not train. The "
             f"experts' FFN modules are named {ffn_names}: use e.g. train_modules={ffn_names + ['wg']}."
