@@ -11,7 +11,6 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from deepspeed import comm as ds_comm
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moellava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX as IMG

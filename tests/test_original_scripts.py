@@ -25,7 +25,6 @@ from transformers import LlamaTokenizer
 
 from moellava.demo import data
 from moellava.demo.run import REPO_DIR, free_port, script_environment
-from moellava.tokenization import FAMILIES
 
 import test_family_pipeline
 import tiny_llava
