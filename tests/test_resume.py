@@ -167,10 +167,14 @@ def test_a_kill_at_any_moment_loses_only_the_steps_since_the_last_complete_check
     _, reference_logs = history(reference)
     for step in logs:
         assert logs[step]["loss"] == reference_logs[step]["loss"], (fault, step)
+    # The same weights. Usually bitwise; CPU kernels do not promise identical bits across processes, and once
+    # in ~50 runs the last bits differ (6.5e-7 at most, in q/k_proj, where Adam magnifies tiny gradients).
+    # Adam moves each weight by about the learning rate (1e-3) a step: a resume from the wrong step or with the
+    # wrong optimizer or scheduler state is off by that much (steps trained twice or skipped fail the counts).
     a = load_file(os.path.join(reference, "model.safetensors"))
     b = load_file(os.path.join(out, "model.safetensors"))
     assert a.keys() == b.keys()
-    assert all(torch.equal(a[key], b[key]) for key in a), f"weights differ after {fault}"
+    assert all(torch.allclose(a[key], b[key], rtol=0, atol=1e-5) for key in a), f"weights differ after {fault}"
     # Nothing half-written or half-deleted is left: one complete checkpoint, no trash.
     left = sorted(name for name in os.listdir(out) if name.startswith(("checkpoint-", ".trash-")))
     assert left == [f"checkpoint-{FAULT_STEPS}"]
