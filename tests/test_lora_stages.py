@@ -162,11 +162,14 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(runs, kind):
     for step in a:
         for key in ("loss", "lm_loss", "learning_rate"):
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-7), (step, key)
+    # The same tensors, usually bitwise. Under DeepSpeed the last bits may differ between processes (seen once:
+    # 1.7e-6 at most, in q/k_proj's lora_A, where Adam magnifies tiny gradients); Adam moves each weight by
+    # about the learning rate (3e-3) a step, which a resume with the wrong state would be off by.
     for name in (lora.ADAPTER_WEIGHTS_FILE, lora.NON_LORA_FILE):
         x, y = load_file(os.path.join(whole, name)), load_file(os.path.join(resumed, name))
         assert x.keys() == y.keys()
         for key in x:
-            assert torch.allclose(x[key], y[key], atol=1e-6), key
+            assert torch.allclose(x[key], y[key], rtol=0, atol=1e-5), key
 
 
 def sample_inputs(runs):

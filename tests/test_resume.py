@@ -97,11 +97,12 @@ def test_stage3_deepspeed_resume_matches_an_uninterrupted_run(setup):
     assert f"Skipping {resumed}/checkpoint-4: not a complete checkpoint: no checkpoint_complete.json" in log
     assert f"Resuming from {resumed}/checkpoint-2" in log
     assert_same_run(whole, resumed, log)
+    # Within the last-bit noise DeepSpeed runs may show between processes (see the kill test below).
     a = load_file(os.path.join(whole, "model.safetensors"))
     b = load_file(os.path.join(resumed, "model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-6), key
+        assert torch.allclose(a[key], b[key], rtol=0, atol=1e-5), key
 
 
 def test_stage1_projector_only_checkpoints_resume_without_deepspeed(setup):
