@@ -178,8 +178,8 @@ def _load_lora_checkpoint(model_path: str, model_base: Optional[str], config, dt
     The base is `model_base`, else adapter_config.json's `base_model_name_or_path`. A MoE checkpoint whose
     base is dense (stage 3 from a stage-2 model) is upcycled again, as in training: its experts start as
     exact copies of the base FFNs, its routers come from the checkpoint."""
-    recorded = lora.read_lora_config(model_path).base_model_name_or_path
-    base = model_base or recorded
+    lora_config = lora.read_lora_config(model_path)
+    base = model_base or lora_config.base_model_name_or_path
     if not base:
         raise ValueError(f"{model_path}/{lora.ADAPTER_CONFIG_FILE} records no base model: pass --model-base "
                          "(model_base=...), the model the LoRA run started from.")
@@ -200,7 +200,7 @@ def _load_lora_checkpoint(model_path: str, model_base: Optional[str], config, dt
         if unsaved:
             raise ValueError(f"{model_path}/{lora.NON_LORA_FILE} lacks the routers of its MoE layers ({unsaved[:4]} "
                              "...): the LoRA checkpoint is incomplete. Save it again from training.")
-    lora.add_lora(model, lora.read_lora_config(model_path))
+    lora.add_lora(model, lora_config)
     lora.load_lora_weights(model, model_path)
     if merge:
         model = lora.merge_lora(model)
